@@ -64,6 +64,33 @@ def init_shapes(model: nn.Module, input_shape) -> Any:
     return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(input_shape, jnp.float32), train=False))
 
 
+def _paths_in_insertion_order(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _paths_in_insertion_order(value, path + "/")
+        else:
+            yield path
+
+
+def param_order(model: nn.Module, input_shape) -> list[str]:
+    """Parameter paths ("stem_conv/kernel", ...) in the order the network uses them.
+
+    JAX sorts dict keys when it flattens a tree; Flax builds the variables in
+    call order, which is read here while tracing (nothing is computed).
+    """
+    order = []
+
+    def init():
+        variables = model.init(
+            {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros(input_shape), train=False
+        )
+        order.extend(_paths_in_insertion_order(variables["params"]))
+
+    jax.eval_shape(init)
+    return order
+
+
 def flops_per_image(model: nn.Module, input_shape, train: bool = False) -> float:
     """Forward FLOPs per image from XLA's cost analysis of the compiled model.
 
@@ -116,5 +143,6 @@ __all__ = [
     "flops_per_image",
     "image_size",
     "init_shapes",
+    "param_order",
     "summary",
 ]

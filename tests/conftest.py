@@ -35,3 +35,15 @@ def cifar10_dir(tmp_path_factory) -> pathlib.Path:
     with tarfile.open(archive) as tar:
         tar.extractall(out, filter="data")
     return out / "cifar10_jpeg"
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(cifar10_dir, tmp_path_factory) -> pathlib.Path:
+    """2,000 training and 1,000 test images of the shared set (links), for tests of mechanics."""
+    root = tmp_path_factory.mktemp("cifar10_small")
+    for split, per_class in (("train", 200), ("test", 100)):
+        for folder in sorted((cifar10_dir / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:per_class]:
+                os.symlink(image, root / split / folder.name / image.name)
+    return root

@@ -142,9 +142,7 @@ def test_same_seed_same_batches_and_resume_mid_stream(demo_dir):
 
 def test_different_processes_read_disjoint_examples(demo_dir):
     def digests(data, steps):
-        return {
-            hashlib.sha1(image.tobytes()).hexdigest() for b in stream(data, 0, steps) for image in b["image"]
-        }
+        return {hashlib.sha1(image.tobytes()).hexdigest() for b in stream(data, 0, steps) for image in b["image"]}
 
     # augment="none": an image's pixels identify the example.
     shares = [open_data("demo", demo_dir, batch=1, size=8, augment="none", p=p, n=2) for p in range(2)]

@@ -1,0 +1,76 @@
+"""The base config every run file derives from. Each run file changes only what differs.
+
+Durations: `num_epochs`, `warmup_epochs`, `*_every_epochs` are converted to
+steps in one place (train.resolve_steps); a `*_steps` key > 0 overrides its
+epoch twin.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # Model (models.REGISTRY). num_classes 0 = take it from the data set.
+    config.model = "alexnet_bn"
+    config.num_classes = 0
+    config.model_kwargs = ml_collections.ConfigDict()  # e.g. width, zero_init_last_bn
+    config.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 params and BN statistics
+    # Which examples share BatchNorm statistics: "device" (each device's slice
+    # of each micro-batch, what the paper's workers did), "global" (the whole
+    # micro-batch over all devices), or a number N (ghost batches of N).
+    config.bn_group = "device"
+
+    # Data (input_pipeline.DATASETS). data_dir "" = TFDS's default.
+    config.dataset = "imagenet2012"
+    config.data_dir = ""
+    config.image_size = 0  # 0 = the model's input size
+    config.augment = "imagenet"  # "imagenet", "pad_crop_flip" or "none"
+    config.cache = False  # keep the encoded training images in memory
+
+    # Batch: global over all devices of all processes.
+    config.batch_size = 32768
+    config.eval_batch_size = 0  # 0 = batch_size
+    # Examples per device per micro-step; 0 = the whole per-device share at once.
+    # Gradients of the micro-steps are averaged before one optimizer update.
+    config.microbatch_size = 0
+    # Unroll the micro-step loop: faster on XLA:CPU (convolutions in a while
+    # loop run ~10x slower), but compile time grows with the number of micro-steps.
+    config.unroll_microbatches = True
+
+    # Duration.
+    config.num_epochs = 100.0
+    config.num_train_steps = 0  # > 0 overrides num_epochs
+
+    # Optimizer: "lars", "sgd" (momentum, Goyal et al.) or "lamb".
+    config.optimizer = "lars"
+    config.learning_rate = 32.0  # peak LR at this global batch (not per 256)
+    config.lr_schedule = "poly"  # "poly" (warmup + poly decay), "step" (warmup + x0.1 steps), "cosine"
+    config.warmup_epochs = 10.0
+    config.warmup_steps = 0
+    config.end_learning_rate = 0.0
+    config.lr_power = 2.0
+    config.lr_decay_epochs = (30.0, 60.0, 80.0)  # "step" schedule boundaries
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 5e-4
+    config.trust_coefficient = 1e-3
+    config.lars_eps = 0.0
+    config.lars_formula = "paper"  # "paper" or "optax" (see lars.local_lr)
+    config.lars_clip = False  # LARC
+    # Parameters with neither weight decay nor trust ratio: "ndim<=1" or
+    # comma-separated regexes over parameter paths ("bias$,bn").
+    config.exclude = "ndim<=1"
+    config.label_smoothing = 0.0
+
+    config.seed = 0
+
+    # Logging, evaluation, checkpoints.
+    config.log_every_steps = 50
+    config.trust_ratio_every_steps = 0  # 0 = log_every_steps
+    config.eval_every_epochs = 1.0
+    config.eval_every_steps = 0
+    config.checkpoint_every_epochs = 1.0
+    config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 3
+    return config

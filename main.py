@@ -1,0 +1,102 @@
+"""Trains a model: `python main.py --config=configs/alexnet_lars.py --workdir=DIR`.
+
+Config values can be overridden on the command line (--config.batch_size=8192)
+and config files take a variant argument (--config=configs/alexnet_lars.py:8192).
+
+Multi-process CPU training runs on the JAX distributed runtime with gloo
+collectives: give --coordinator_address, --num_processes and --process_id, or
+--distributed=auto under SLURM or Open MPI (mpirun), which fills them in.
+"""
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; an existing run there is resumed.")
+config_flags.DEFINE_config_file("config", None, "A configs/ file, optionally with :variant.", lock_config=True)
+flags.DEFINE_enum("distributed", "off", ["off", "auto"], "auto: initialise jax.distributed from SLURM/Open MPI.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (starts jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("num_cpu_devices", None, "XLA CPU devices in this process (default: 1).")
+flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the runtime declares a silent peer process dead.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops Orbax's INFO lines (several per checkpoint); its warnings stay."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def start_jax():
+    """Configures and, when asked, starts the JAX distributed runtime."""
+    import jax
+
+    if FLAGS.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+    explicit = FLAGS.coordinator_address is not None
+    if explicit or FLAGS.distributed == "auto":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kwargs = dict(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+        if explicit:
+            kwargs.update(
+                coordinator_address=FLAGS.coordinator_address,
+                num_processes=FLAGS.num_processes,
+                process_id=FLAGS.process_id,
+            )
+        jax.distributed.initialize(**kwargs)
+    return jax
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    # TensorFlow only reads data: keep it off any accelerator JAX uses.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    jax = start_jax()
+
+    import models
+    import train
+
+    config = FLAGS.config
+    logging.info(
+        "JAX %s: process %d of %d, %d local / %d global devices (%s)",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    try:
+        setup = train.prepare(config)
+    except ValueError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    channels = setup.data.info.channels
+    summary = models.summary(config.model, setup.model, channels=channels, size=setup.image_size)
+    logging.info(
+        "Model %s: %s parameters, %.3f GFLOPs per image forward (%.3f per training step and image, x3)",
+        config.model,
+        f"{summary['params']:,}",
+        summary["gflops_per_image"],
+        3 * summary["gflops_per_image"],
+    )
+    _, result = train.train_and_evaluate(config, FLAGS.workdir)
+    logging.info("Finished at step %d: %s", result["step"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,245 @@
+"""train.py and main.py end to end: real data, subprocesses, signals, resume, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from configs import cifar10_lars, demo
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cifar_config(cifar10_dir, **overrides):
+    config = cifar10_lars.get_config("64")
+    config.data_dir = str(cifar10_dir)
+    overrides = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in overrides.items()}
+    config.model = "cifar_resnet8"
+    config.eval_batch_size = 500
+    config.log_every_steps = 1
+    config.update(overrides)
+    return config
+
+
+def flags(config_file: str, overrides: dict) -> list[str]:
+    return [f"--config={config_file}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def run_main(args, workdir, *, devices=None, wait=True, env=None, cwd=REPO):
+    """Runs main.py in a fresh process (its own device count, nothing shared)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "main.py", f"--workdir={workdir}", *args]
+    if devices:
+        command.append(f"--num_cpu_devices={devices}")
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=900)
+    return process.returncode, output
+
+
+def metrics(workdir, kind="train"):
+    path = pathlib.Path(workdir) / train.METRICS_FILE
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
+    """A few hundred steps on the real images: accuracy far above chance, all logs written."""
+    overrides = dict(
+        data_dir=cifar10_dir, model="cifar_resnet8", batch_size=128, eval_batch_size=1000, num_train_steps=300,
+        learning_rate=3.0, warmup_steps=30, trust_coefficient=0.01, log_every_steps=50, trust_ratio_every_steps=100,
+        eval_every_steps=150, checkpoint_every_steps=150,
+    )  # fmt: skip
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "run")
+    assert code == 0, output[-3000:]
+    evals = metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [150, 300]
+    assert all(e["eval_count"] == 10_000 for e in evals)
+    # Chance is 0.10. Measured: 0.47 after 300 steps (0.77 epochs).
+    assert evals[-1]["eval_top1"] > 0.35, evals
+    assert evals[-1]["eval_top5"] > 0.80
+    trains = metrics(tmp_path / "run")
+    assert [t["step"] for t in trains] == [50, 100, 150, 200, 250, 300]
+    assert trains[-1]["loss"] < trains[0]["loss"]
+    assert all(t["images_per_sec"] > 0 and t["eta_sec"] >= 0 for t in trains)
+    trust = [json.loads(line) for line in (tmp_path / "run" / train.TRUST_RATIOS_FILE).read_text().splitlines()]
+    assert [t["step"] for t in trust] == [100, 200, 300]
+    layers = trust[-1]["layers"]
+    assert list(layers)[0] == "stem_conv/kernel" and list(layers)[-1] == "head/bias"  # network order
+    assert layers["head/bias"]["excluded"] and layers["head/bias"]["trust_ratio"] == 1.0
+    kernel = layers["stage2_block1/conv1/kernel"]
+    # The logged ratio is eta * ||w|| / (||g|| + beta ||w||), with the logged norms of the step.
+    # (The norms are those before the update; weight decay 5e-4, eta 0.01.)
+    want = 0.01 * kernel["param_norm"] / (kernel["grad_norm"] + 5e-4 * kernel["param_norm"])
+    np.testing.assert_allclose(kernel["trust_ratio"], want, rtol=1e-4)
+    assert "Model cifar_resnet8: 78,042 parameters" in output
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["150", "300"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
+
+
+def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tmp_path):
+    overrides = dict(
+        data_dir=cifar10_small, model="cifar_resnet8", batch_size=32, num_train_steps=5, bn_group="global",
+        log_every_steps=1, eval_every_steps=5, checkpoint_every_steps=5, eval_batch_size=100,
+    )  # fmt: skip
+    for devices in (1, 4):
+        code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / f"d{devices}", devices=devices)
+        assert code == 0, output[-3000:]
+        assert f"{devices} local / {devices} global devices" in output
+    one, four = metrics(tmp_path / "d1"), metrics(tmp_path / "d4")
+    np.testing.assert_allclose([m["loss"] for m in one], [m["loss"] for m in four], rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics(tmp_path / "d1", "eval")[0]["eval_top1"], metrics(tmp_path / "d4", "eval")[0]["eval_top1"]
+    )
+    config = cifar_config(cifar10_small, **overrides)
+    params = [leaves(train.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
+    for a, b in zip(*params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path):
+    """Batch 32 on 4 devices as 4 micro-steps of 2 per device equals one step of 8 per device."""
+    common = dict(
+        model="cifar_resnet8", batch_size=32, num_train_steps=3, eval_every_steps=1000, checkpoint_every_steps=1000,
+        model_kwargs={"use_bn": False}, warmup_steps=0, learning_rate=0.5,
+    )  # fmt: skip
+    results = []
+    for micro in (0, 2):
+        config = cifar_config(cifar10_small, **common, microbatch_size=micro)
+        state, _ = train.train_and_evaluate(config, str(tmp_path / f"micro{micro}"))
+        results.append((leaves(state), metrics(tmp_path / f"micro{micro}")))
+    (big, big_log), (acc, acc_log) = results
+    assert "4 micro-steps" not in json.dumps(big_log)
+    np.testing.assert_allclose([m["loss"] for m in big_log], [m["loss"] for m in acc_log], rtol=1e-5)
+    moved = 0
+    for a, b in zip(big, acc):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved += not np.allclose(a, 0)
+    assert moved > 0
+
+
+def _wait_for(predicate, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early: {process.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
+    overrides = dict(
+        data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=24, checkpoint_every_steps=4,
+        eval_every_steps=1000, log_every_steps=1,
+    )  # fmt: skip
+    args = flags("configs/cifar10_lars.py", overrides)
+    code, output = run_main(args, tmp_path / "straight")
+    assert code == 0, output[-3000:]
+
+    process = run_main(args, tmp_path / "killed", wait=False)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    _wait_for(lambda: (checkpoints / "8").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 24, saved  # killed mid-run
+    code, output = run_main(args, tmp_path / "killed")
+    assert code == 0, output[-3000:]
+    assert f"Resuming from the checkpoint of step {saved[-1]}" in output
+
+    config = cifar_config(cifar10_small, **overrides)
+    straight = leaves(train.restore_state(config, tmp_path / "straight")[1])
+    resumed = leaves(train.restore_state(config, tmp_path / "killed")[1])
+    for a, b in zip(straight, resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(cifar10_small, tmp_path):
+    overrides = dict(data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=100_000,
+                     checkpoint_every_steps=100_000, eval_every_steps=100_000, log_every_steps=1)  # fmt: skip
+    process = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "run", wait=False)
+    _wait_for(lambda: (tmp_path / "run" / train.METRICS_FILE).exists(), process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 1 <= saved[0] < 100_000
+    assert f"saving the checkpoint of step {saved[0]} and stopping" in output
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(batch_size=30), r"batch_size=30 is not divisible by the 4 devices \(1 process\(es\)\)"),
+        (dict(batch_size=32, microbatch_size=3), r"microbatch_size=3 does not divide the per-device batch of 8"),
+        (dict(model="resnet51"), r"Unknown model 'resnet51'; choose from \['alexnet', 'alexnet_bn'"),
+        (dict(optimizer="adam"), r"Unknown optimizer 'adam'; choose from \('lars', 'sgd', 'lamb'\)"),
+        (dict(dataset="mnist"), r"Unknown dataset 'mnist'; choose from \('imagenet2012', 'cifar10'"),
+        (dict(bn_group="7"), r"bn_group=7 must divide the per-device micro-batch of 16"),
+        (dict(dataset="imagenet2012", data_dir="{tmp}/tfds"), r"tfds build imagenet2012 --data_dir=.*/tfds"),
+    ],
+)
+def test_bad_config_fails_before_anything_is_written(cifar10_small, tmp_path, overrides, message):
+    overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+    config = cifar_config(cifar10_small, **overrides)
+    workdir = tmp_path / "workdir"
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").iterdir())
+
+
+def test_command_line_errors_write_nothing(cifar10_small, tmp_path):
+    code, output = run_main(["--config=configs/demo.py", "--config.batch_sise=64"], tmp_path / "typo")
+    assert code != 0 and "batch_sise" in output
+    code, output = run_main(
+        ["--config=configs/cifar10_lars.py", f"--config.data_dir={cifar10_small}", "--config.batch_size=100"],
+        tmp_path / "batch",
+        devices=8,
+    )
+    assert code == 2 and "error: batch_size=100 is not divisible by the 8 devices" in output
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "batch").exists()
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_small, tmp_path):
+    config = cifar_config(
+        cifar10_small, optimizer="sgd", learning_rate=1e6, warmup_steps=0, lr_schedule="cosine", batch_size=32,
+        num_train_steps=50, checkpoint_every_steps=1, eval_every_steps=1000, keep_checkpoints=2,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+): first non-finite") as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    step = int(e.value.args[0].split("at step ")[1].split(":")[0])
+    assert f"The last checkpoint is step {step}." in str(e.value)
+    _, state = train.restore_state(config, tmp_path / "run")
+    assert int(state.step) == step
+    assert all(np.isfinite(x).all() for x in leaves(state))
+
+
+def test_readme_demo_command_on_a_clean_clone(tmp_path):
+    """The README's first command, minus the environment set-up, on a clean clone."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "main.py --config=configs/demo.py" in line)
+    demo_args = command.split("main.py", 1)[1].split()
+    assert demo_args[0] == "--config=configs/demo.py" and demo_args[1].startswith("--workdir=")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(tmp_path / "clone")], check=True)
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    code, output = run_main(["--config=configs/demo.py"], tmp_path / "demo", env=env, cwd=tmp_path / "clone")
+    assert code == 0, output[-3000:]
+    final = metrics(tmp_path / "demo", "eval")[-1]
+    # Measured: 0.957 top-1 on the 300 held-out digits after 150 steps.
+    assert final["step"] == demo.get_config().num_epochs * 5 and final["eval_top1"] > 0.9
