@@ -2,6 +2,7 @@
 
 import hashlib
 import itertools
+import math
 import os
 import pathlib
 
@@ -98,7 +99,7 @@ def test_exact_eval_counts_every_example_once(cifar10_dir, tmp_path):
                 assert batch["image"].shape == (64, 32, 32, 3)
         assert counted == 10_001
         np.testing.assert_array_equal(per_class, want_per_class)
-        assert steps == {-(-(-(-10_001 // n)) // 64)}  # every process runs the same number of steps
+        assert steps == {math.ceil(math.ceil(10_001 / n) / 64)}  # every process runs the same number of steps
 
 
 def test_demo_set_is_registered_offline_in_data_dir(demo_dir):
