@@ -22,6 +22,7 @@ is skipped silently.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -202,26 +203,26 @@ def dataset_info(builder, dataset: str) -> DatasetInfo:
 # --------------------------------------------------------------------------
 
 
-def process_share(builder, split: str, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int, int]:
-    """This process's disjoint share of a split, undecoded, in a fixed order.
+def split_share(builder, split: str, index: int, count: int) -> tuple[tf.data.Dataset, int, int]:
+    """Share `index` of `count` disjoint, covering shares of a split, undecoded, in a fixed order.
 
     Returns:
       (records, examples in this share, examples in the largest share).
     """
     total = builder.info.splits[split].num_examples
-    largest = math.ceil(total / process_count)
+    largest = math.ceil(total / count)
     decoders = {"image": tfds.decode.SkipDecoding()}
     if isinstance(builder, tfds.ImageFolder):
         # ImageFolder has no sub-split API; its file order is fixed, so a
         # strided shard is disjoint and covering.
         records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-        records = records.shard(process_count, process_index)
-        count = len(range(process_index, total, process_count))
+        records = records.shard(count, index)
+        size = len(range(index, total, count))
     else:
-        share = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
-        records = builder.as_dataset(split=share, shuffle_files=False, decoders=decoders)
-        count = builder.info.splits[share].num_examples
-    return records, count, largest
+        subsplit = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+        records = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders)
+        size = builder.info.splits[subsplit].num_examples
+    return records, size, largest
 
 
 # --------------------------------------------------------------------------
@@ -382,24 +383,24 @@ def train_dataset(
     *,
     local_batch: int,
     seed: int,
-    process_index: int,
+    shard_index: int,
     start_step: int = 0,
     shuffle_buffer: int = 50_000,
     cache: bool = False,
 ) -> tf.data.Dataset:
-    """The infinite training stream of this process, from batch `start_step` on.
+    """The infinite training stream of one data shard, from batch `start_step` on.
 
-    Batch k of the stream depends only on (seed, process_index, k), so a run
+    Batch k of the stream depends only on (seed, shard_index, k), so a run
     restarted at step S continues with the batch an uninterrupted run would
     have read.
 
     Args:
-      records: this process's share, undecoded, in a fixed order.
-      num_examples: size of the share.
+      records: the shard, undecoded, in a fixed order.
+      num_examples: size of the shard.
       preprocess: decoding and augmentation.
-      local_batch: examples per batch in this process.
+      local_batch: examples per batch from this shard.
       seed: the run's seed.
-      process_index: mixes into the augmentation RNG.
+      shard_index: mixes into the augmentation RNG.
       start_step: the first batch to produce.
       shuffle_buffer: shuffle buffer (the whole share when it is smaller).
       cache: keep the encoded share in memory after the first epoch.
@@ -413,7 +414,7 @@ def train_dataset(
     buffer = min(shuffle_buffer, num_examples)
     start_example = start_step * local_batch
     start_epoch, offset = divmod(start_example, num_examples)
-    base_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), process_index)
+    base_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), shard_index)
 
     def one_epoch(epoch):
         shuffled = records.shuffle(buffer, seed=_epoch_seed(seed, epoch), reshuffle_each_iteration=False)
@@ -498,35 +499,66 @@ def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One data shard of the training split: its index, records and size."""
+
+    index: int
+    records: tf.data.Dataset
+    count: int
+
+
 @dataclasses.dataclass
 class Data:
-    """The data of one run, as the training loop uses it."""
+    """The data of one run in one process, as the training loop uses it.
+
+    The training split is cut into `num_shards` disjoint shards (by default
+    one per process); each process reads the shards
+    [p * S/P, (p+1) * S/P), each shard contributes batch/S rows to every
+    global batch. The global batch therefore depends on the shard count, not
+    on how many processes or devices read it.
+    """
 
     info: DatasetInfo
     preprocess: Preprocess
-    train_records: tf.data.Dataset
-    train_count: int
+    train_shards: list[Shard]
+    shard_batch: int
     eval_records: tf.data.Dataset
     eval_count: int
     eval_largest_share: int
-    local_batch: int
     local_eval_batch: int
     seed: int
-    process_index: int
     cache: bool
 
+    @property
+    def train_count(self) -> int:
+        return sum(shard.count for shard in self.train_shards)
+
+    @property
+    def local_batch(self) -> int:
+        return self.shard_batch * len(self.train_shards)
+
     def train_batches(self, start_step: int) -> Iterator[dict]:
-        ds = train_dataset(
-            self.train_records,
-            self.train_count,
-            self.preprocess,
-            local_batch=self.local_batch,
-            seed=self.seed,
-            process_index=self.process_index,
-            start_step=start_step,
-            cache=self.cache,
-        )
-        return numpy_batches(ds, self.train_records, self.info)
+        streams = [
+            train_dataset(
+                shard.records,
+                shard.count,
+                self.preprocess,
+                local_batch=self.shard_batch,
+                seed=self.seed,
+                shard_index=shard.index,
+                start_step=start_step,
+                cache=self.cache,
+            )
+            for shard in self.train_shards
+        ]
+        ds = streams[0]
+        if len(streams) > 1:
+            ds = tf.data.Dataset.zip(tuple(streams)).map(
+                lambda *batches: {k: tf.concat([b[k] for b in batches], 0) for k in batches[0]}
+            )
+        records = functools.reduce(lambda a, b: a.concatenate(b), [s.records for s in self.train_shards])
+        return numpy_batches(ds, records, self.info)
 
     @property
     def num_eval_batches(self) -> int:
@@ -551,6 +583,7 @@ def create(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    num_shards: int = 0,
     cache: bool = False,
 ) -> Data:
     """Opens a data set for this process.
@@ -562,6 +595,9 @@ def create(
       augment: "imagenet", "pad_crop_flip" or "none".
       seed: shuffling and augmentation seed.
       process_index, process_count: default to JAX's.
+      num_shards: training-data shards (0: one per process); a multiple of
+        the process count. Fix it to make runs on different numbers of
+        processes see the same global batches.
       cache: keep encoded training images in memory.
 
     Returns:
@@ -569,25 +605,32 @@ def create(
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    for name, batch in (("batch_size", global_batch), ("eval_batch_size", global_eval_batch)):
-        if batch % process_count:
-            raise ValueError(f"{name}={batch} is not divisible by the number of processes ({process_count}).")
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+        raise ValueError(f"data_shards={num_shards} is not a multiple of the number of processes ({process_count}).")
+    for name, batch, parts in (
+        ("batch_size", global_batch, num_shards),
+        ("eval_batch_size", global_eval_batch, process_count),
+    ):
+        if batch % parts:
+            raise ValueError(f"{name}={batch} is not divisible by {parts} (data shards or processes).")
     builder = get_builder(dataset, data_dir)
     info = dataset_info(builder, dataset)
-    preprocess = Preprocess(augment, image_size, info)
-    train_records, train_count, _ = process_share(builder, info.train_split, process_index, process_count)
-    eval_records, eval_count, eval_largest = process_share(builder, info.eval_split, process_index, process_count)
+    per_process = num_shards // process_count
+    shards = []
+    for index in range(process_index * per_process, (process_index + 1) * per_process):
+        records, count, _ = split_share(builder, info.train_split, index, num_shards)
+        shards.append(Shard(index, records, count))
+    eval_records, eval_count, eval_largest = split_share(builder, info.eval_split, process_index, process_count)
     return Data(
         info=info,
-        preprocess=preprocess,
-        train_records=train_records,
-        train_count=train_count,
+        preprocess=Preprocess(augment, image_size, info),
+        train_shards=shards,
+        shard_batch=global_batch // num_shards,
         eval_records=eval_records,
         eval_count=eval_count,
         eval_largest_share=eval_largest,
-        local_batch=global_batch // process_count,
         local_eval_batch=global_eval_batch // process_count,
         seed=seed,
-        process_index=process_index,
         cache=cache,
     )

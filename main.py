@@ -4,12 +4,18 @@ Config values can be overridden on the command line (--config.batch_size=8192)
 and config files take a variant argument (--config=configs/alexnet_lars.py:8192).
 
 Multi-process CPU training runs on the JAX distributed runtime with gloo
-collectives: give --coordinator_address, --num_processes and --process_id, or
---distributed=auto under SLURM or Open MPI (mpirun), which fills them in.
+collectives: give --coordinator_address, --num_processes and --process_id;
+under Open MPI (mpirun) or SLURM (srun) with more than one task they are
+detected (--distributed=detect, the default).
+
+A process whose peer dies exits non-zero with a message instead of hanging:
+the collective that fails raises at once, or, where a peer stops answering,
+the runtime declares it dead after --heartbeat_timeout seconds.
 """
 
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -18,7 +24,13 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; an existing run there is resumed.")
 config_flags.DEFINE_config_file("config", None, "A configs/ file, optionally with :variant.", lock_config=True)
-flags.DEFINE_enum("distributed", "off", ["off", "auto"], "auto: initialise jax.distributed from SLURM/Open MPI.")
+flags.DEFINE_enum(
+    "distributed",
+    "detect",
+    ["detect", "on", "off"],
+    "detect: start jax.distributed under mpirun/srun with several tasks; "
+    "on: always (cluster auto-detection); off: never.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (starts jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
@@ -34,6 +46,13 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def cluster_detected(environ=os.environ) -> bool:
+    """True under Open MPI's mpirun or SLURM's srun with more than one task."""
+    if int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    return "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
+
+
 def start_jax():
     """Configures and, when asked, starts the JAX distributed runtime."""
     import jax
@@ -41,9 +60,13 @@ def start_jax():
     if FLAGS.num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     explicit = FLAGS.coordinator_address is not None
-    if explicit or FLAGS.distributed == "auto":
+    wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "detect" and cluster_detected())
+    if FLAGS.distributed != "off" and (explicit or wanted):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kwargs = dict(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+        kwargs = dict(
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+            initialization_timeout=FLAGS.heartbeat_timeout * 5,
+        )
         if explicit:
             kwargs.update(
                 coordinator_address=FLAGS.coordinator_address,
@@ -52,6 +75,27 @@ def start_jax():
             )
         jax.distributed.initialize(**kwargs)
     return jax
+
+
+def leave_after_peer_failure(jax, error: Exception):
+    """Exits at once, skipping the shutdown barrier that would wait for a dead peer."""
+    message = f"process {jax.process_index()} of {jax.process_count()} stops: {type(error).__name__}: {error}"
+    lost = lost_processes(str(error))
+    if lost:
+        message += f"\nLost process(es): {', '.join(map(str, lost))}."
+    message += "\nRestart all processes with the same --workdir to resume from the last checkpoint."
+    logging.error("%s", message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    logging.flush()
+    os._exit(1)
+
+
+def lost_processes(text: str) -> list[int]:
+    """Process ids named in a runtime error ("task:1", "rank 1", "process 1")."""
+    found = set()
+    for pattern in (r"/task:(\d+)", r"[Rr]ank (\d+)", r"[Pp]rocess (\d+)"):
+        found.update(int(m) for m in re.findall(pattern, text))
+    return sorted(found)
 
 
 def main(argv):
@@ -92,7 +136,13 @@ def main(argv):
         summary["gflops_per_image"],
         3 * summary["gflops_per_image"],
     )
-    _, result = train.train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_count() == 1:
+        _, result = train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+        try:
+            _, result = train.train_and_evaluate(config, FLAGS.workdir)
+        except Exception as e:  # noqa: BLE001 - any failure must end this process too
+            leave_after_peer_failure(jax, e)
     logging.info("Finished at step %d: %s", result["step"], result)
     return 0
 

@@ -398,7 +398,8 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict) -> Setup:
     """Checks the config against the devices and data; raises ValueError, writes nothing to the workdir."""
     check_config(config)
-    devices = jax.devices()
+    # Process by process, so that each process's rows of the global batch land on its own devices.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     per_device, num_micro = check_batch_arithmetic(config, len(devices), jax.process_count())
     group = bn_group_size(config, per_device // num_micro)
     image_size = config.image_size or models.image_size(config.model)
@@ -410,6 +411,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         image_size=image_size,
         augment=config.augment,
         seed=config.seed,
+        num_shards=config.data_shards,
         cache=config.cache,
     )
     num_classes = config.num_classes or data.info.num_classes

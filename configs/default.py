@@ -27,6 +27,10 @@ def get_config():
     config.image_size = 0  # 0 = the model's input size
     config.augment = "imagenet"  # "imagenet", "pad_crop_flip" or "none"
     config.cache = False  # keep the encoded training images in memory
+    # Training-data shards, 0 = one per process. Each shard is read by one
+    # process and gives batch_size / data_shards rows of every global batch, so
+    # a fixed value makes runs on different process counts see the same batches.
+    config.data_shards = 0
 
     # Batch: global over all devices of all processes.
     config.batch_size = 32768

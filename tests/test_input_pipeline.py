@@ -42,7 +42,7 @@ def demo_dir(tmp_path_factory):
 
 def test_image_folder_label_of_a_known_file(cifar10_dir):
     builder = ip.get_builder("image_folder", str(cifar10_dir))
-    records, count, _ = ip.process_share(builder, "train", 0, 1)
+    records, count, _ = ip.split_share(builder, "train", 0, 1)
     assert count == 50_000
     assert builder.info.features["label"].names == CLASSES
     wanted = {f"train/{c}/0007.jpg": CLASSES.index(c) for c in ("cat", "truck", "airplane")}
@@ -64,7 +64,7 @@ def test_process_shares_cover_the_split_without_duplicates(cifar10_dir, process_
     builder = ip.get_builder("image_folder", str(cifar10_dir))
     shares = []
     for p in range(process_count):
-        records, count, largest = ip.process_share(builder, "test", p, process_count)
+        records, count, largest = ip.split_share(builder, "test", p, process_count)
         names = file_names(records, "image/filename")
         assert len(names) == count <= largest == -(-10_000 // process_count)
         shares.append(names)
