@@ -15,8 +15,8 @@ the runtime declares it dead after --heartbeat_timeout seconds.
 
 import logging as pylogging
 import os
-import re
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,24 +78,40 @@ def start_jax():
 
 
 def leave_after_peer_failure(jax, error: Exception):
-    """Exits at once, skipping the shutdown barrier that would wait for a dead peer."""
+    """Exits non-zero at once, naming the lost processes, without the shutdown
+    barrier (which would wait for the dead peer's heartbeat timeout)."""
     message = f"process {jax.process_index()} of {jax.process_count()} stops: {type(error).__name__}: {error}"
-    lost = lost_processes(str(error))
-    if lost:
-        message += f"\nLost process(es): {', '.join(map(str, lost))}."
-    message += "\nRestart all processes with the same --workdir to resume from the last checkpoint."
-    logging.error("%s", message)
     print(f"error: {message}", file=sys.stderr, flush=True)
-    logging.flush()
+    lost = lost_processes(jax, timeout=FLAGS.heartbeat_timeout)
+    if lost:
+        print(f"error: lost process(es): {', '.join(map(str, lost))}.", file=sys.stderr)
+    print("Restart all processes with the same --workdir to resume from the last checkpoint.", file=sys.stderr)
+    sys.stderr.flush()
     os._exit(1)
 
 
-def lost_processes(text: str) -> list[int]:
-    """Process ids named in a runtime error ("task:1", "rank 1", "process 1")."""
-    found = set()
-    for pattern in (r"/task:(\d+)", r"[Rr]ank (\d+)", r"[Pp]rocess (\d+)"):
-        found.update(int(m) for m in re.findall(pattern, text))
-    return sorted(found)
+def lost_processes(jax, timeout: float) -> list[int]:
+    """Asks the coordination service which processes are gone (waits at most `timeout` s).
+
+    A dead process is noticed when its connection drops or, at the latest,
+    after the heartbeat timeout. If the service itself is unreachable, process
+    0 (which hosts it) is the one lost.
+    """
+    from jax._src import distributed  # the client is not exposed publicly
+
+    client = distributed.global_state.client
+    ids = list(range(jax.process_count()))
+    deadline = time.time() + timeout
+    while client is not None and time.time() < deadline:
+        try:
+            live = client.get_live_nodes(ids)
+        except Exception:  # noqa: BLE001 - the coordinator is unreachable
+            return [0]
+        lost = sorted(set(ids) - set(live))
+        if lost:
+            return lost
+        time.sleep(0.25)
+    return []
 
 
 def main(argv):
@@ -107,6 +123,8 @@ def main(argv):
 
     tf.config.set_visible_devices([], "GPU")
     jax = start_jax()
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)  # process 0 speaks for all
 
     import models
     import train

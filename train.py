@@ -519,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     sharding = NamedSharding(mesh, P("data"))
 
     os.makedirs(workdir, exist_ok=True)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not lead)
+    writer = metric_writers.create_default_writer(workdir) if lead else metric_writers.MultiWriter([])
     metrics_log = JsonlWriter(os.path.join(workdir, METRICS_FILE), lead)
     trust_log = JsonlWriter(os.path.join(workdir, TRUST_RATIOS_FILE), lead)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)

@@ -231,9 +231,11 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_sm
 
 
 def test_readme_demo_command_on_a_clean_clone(tmp_path):
-    """The README's first command, minus the environment set-up, on a clean clone."""
+    """The README's first command (make demo), minus the virtualenv set-up, on a clean clone."""
     readme = (REPO / "README.md").read_text()
-    command = next(line for line in readme.splitlines() if "main.py --config=configs/demo.py" in line)
+    assert readme.index("make demo") < readme.index("make test") < 1000
+    makefile = (REPO / "Makefile").read_text().split("\ndemo:")[1]
+    command = next(line for line in makefile.splitlines() if "main.py" in line)
     demo_args = command.split("main.py", 1)[1].split()
     assert demo_args[0] == "--config=configs/demo.py" and demo_args[1].startswith("--workdir=")
     subprocess.run(["git", "clone", "-q", str(REPO), str(tmp_path / "clone")], check=True)

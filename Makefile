@@ -1,0 +1,21 @@
+# The README's two commands. Python 3.11; everything else comes from requirements.txt.
+PYTHON ?= python3.11
+VENV := .venv
+SHARED_DATA ?= ../shared/data
+
+.PHONY: demo test
+
+$(VENV)/installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+# Trains the offline demo (scikit-learn digits, ResNet-8, LARS).
+demo: $(VENV)/installed
+	$(VENV)/bin/python main.py --config=configs/demo.py --workdir=/tmp/largebatch_demo
+
+# The whole test suite. The multi-process tests use Open MPI's mpirun
+# (Debian's openmpi-bin, installed here when missing; needs root or sudo-less apt).
+test: $(VENV)/installed
+	command -v mpirun >/dev/null || (apt-get update -qq && apt-get install -y -qq openmpi-bin >/dev/null)
+	LARGEBATCH_SHARED_DATA=$(SHARED_DATA) $(VENV)/bin/python -m pytest -q
