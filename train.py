@@ -36,6 +36,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METRICS_FILE = "metrics.jsonl"
 TRUST_RATIOS_FILE = "trust_ratios.jsonl"
 MASK_FILE = "lars_mask.json"
+CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -220,8 +221,13 @@ def split_microbatches(batch, mesh: Mesh, num_micro: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: Mesh, num_micro: int):
-    """Returns train_step(state, batch, dropout_key) -> (state, metrics)."""
+def make_gradient_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
+    """Returns gradients(state, batch, key) -> (grads, batch_stats, loss, correct).
+
+    The gradient of the mean loss over the global batch, accumulated over
+    `num_micro` micro-steps (each taking its rows from every device's share);
+    BatchNorm statistics are updated micro-step by micro-step.
+    """
 
     def loss_fn(params, batch_stats, images, labels, key):
         logits, updates = model.apply(
@@ -236,7 +242,7 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch, key):
+    def gradients(state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)
 
         def micro_step(carry, inputs):
@@ -262,8 +268,17 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
         else:
             carry, _ = jax.lax.scan(micro_step, init, (micro, jnp.arange(num_micro)))
         grads, batch_stats, loss, correct = carry
-        grads = jax.tree.map(lambda g: g / num_micro, grads)
-        loss = loss / num_micro
+        return jax.tree.map(lambda g: g / num_micro, grads), batch_stats, loss / num_micro, correct
+
+    return gradients
+
+
+def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: Mesh, num_micro: int):
+    """Returns train_step(state, batch, dropout_key) -> (state, metrics)."""
+    gradients = make_gradient_fn(model, config, num_classes, mesh, num_micro)
+
+    def train_step(state: TrainState, batch, key):
+        grads, batch_stats, loss, correct = gradients(state, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -459,25 +474,53 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
+def restore(setup: Setup, manager: ocp.CheckpointManager, step: int) -> TrainState:
+    """Restores a checkpoint into the shapes and shardings of a fresh state."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state(setup))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def restore_or_init(setup: Setup, manager: ocp.CheckpointManager) -> TrainState:
-    state = init_state(setup)
     latest = manager.latest_step()
     if latest is None:
-        return state
+        return init_state(setup)
     logging.info("Resuming from the checkpoint of step %d.", latest)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    return restore(setup, manager, latest)
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, TrainState]:
-    """The setup of a config and the latest checkpoint in workdir (for notebooks and tools)."""
+def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> tuple[Setup, TrainState]:
+    """The setup of a config and a checkpoint in workdir (the latest by default), for notebooks and tools."""
     setup = prepare(config)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    if manager.latest_step() is None:
-        raise ValueError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}.")
-    state = restore_or_init(setup, manager)
+    steps = manager.all_steps()
+    if not steps or (step is not None and step not in steps):
+        raise ValueError(f"No checkpoint {step or ''} in {os.path.join(workdir, CHECKPOINT_DIR)} (have {steps}).")
+    state = restore(setup, manager, max(steps) if step is None else step)
     manager.close()
     return setup, state
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """The config a run in workdir was started with (written there by train_and_evaluate)."""
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def gradients(setup: Setup, state: TrainState, batch: dict):
+    """The gradient the training step computes for `batch` at `state` (same micro-steps, same dropout key).
+
+    Args:
+      setup: from `prepare` or `restore_state`.
+      state: the train state.
+      batch: one global batch, NumPy rows of this process ({"image", "label"}).
+
+    Returns:
+      The gradient pytree (mean over the global batch).
+    """
+    fn = make_gradient_fn(setup.model, setup.config, setup.num_classes, setup.mesh, setup.num_micro)
+    sharding = NamedSharding(setup.mesh, P("data"))
+    key = jax.random.key(setup.config.seed + 1)
+    return jax.jit(fn)(state, input_pipeline.to_global(batch, sharding), key)[0]
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState):
@@ -531,6 +574,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     if lead:
         with open(os.path.join(workdir, MASK_FILE), "w") as f:
             json.dump(mask, f, indent=1)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json(indent=1))
         writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
     logging.info("LARS exclusions: %s", {rule: sum(r == rule for r in mask.values()) for rule in set(mask.values())})
     logging.info(
@@ -549,7 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(setup.model, setup.num_classes))
-    dropout_key = jax.random.key(config.seed + 1)
+    dropout_key = jax.random.key(config.seed + 1)  # `gradients` uses the same key
 
     start = int(state.step)
     batches = setup.data.train_batches(start)
