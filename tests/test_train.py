@@ -68,7 +68,7 @@ def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
     evals = metrics(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [150, 300]
     assert all(e["eval_count"] == 10_000 for e in evals)
-    # Chance is 0.10. Measured: 0.47 after 300 steps (0.77 epochs).
+    # Chance is 0.10. Measured: top-1 0.451, top-5 0.922 after 300 steps (0.77 epochs).
     assert evals[-1]["eval_top1"] > 0.35, evals
     assert evals[-1]["eval_top5"] > 0.80
     trains = metrics(tmp_path / "run")
