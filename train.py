@@ -2,8 +2,8 @@
 
 Parameters are replicated, the global batch is sharded over the mesh axis
 "data", the train state is donated. A global batch larger than memory is
-split into micro-steps (lax.scan) whose gradients are averaged before one
-optimizer update. Everything the loop needs is validated before anything is
+split into micro-steps (unrolled, or a lax.scan) whose gradients are
+averaged before one optimizer update. Everything the loop needs is validated before anything is
 compiled or written.
 """
 
