@@ -67,7 +67,6 @@ class DatasetInfo:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    image_key: str
     filename_key: str | None
 
 
@@ -193,7 +192,6 @@ def dataset_info(builder, dataset: str) -> DatasetInfo:
         channels=channels,
         mean=mean,
         std=std,
-        image_key="image",
         filename_key=filename_key,
     )
 

@@ -155,10 +155,10 @@ def main(argv):
         3 * summary["gflops_per_image"],
     )
     if jax.process_count() == 1:
-        _, result = train.train_and_evaluate(config, FLAGS.workdir)
+        _, result = train.train_and_evaluate(config, FLAGS.workdir, setup)
     else:
         try:
-            _, result = train.train_and_evaluate(config, FLAGS.workdir)
+            _, result = train.train_and_evaluate(config, FLAGS.workdir, setup)
         except Exception as e:  # noqa: BLE001 - any failure must end this process too
             leave_after_peer_failure(jax, e)
     logging.info("Finished at step %d: %s", result["step"], result)

@@ -545,18 +545,22 @@ def evaluate(setup: Setup, state: TrainState, eval_step, sharding) -> dict[str, 
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict[str, float]]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, setup: Setup | None = None
+) -> tuple[TrainState, dict[str, float]]:
     """Trains and evaluates; resumes from the latest checkpoint in workdir.
 
     Args:
       config: a configs/ config.
       workdir: checkpoints, metrics.jsonl, trust_ratios.jsonl, TensorBoard logs.
+      setup: `prepare(config)` when the caller already made it (main.py does,
+        to report errors and the model size before training).
 
     Returns:
       The final train state, and the last evaluation's metrics (eval_top1,
       eval_top5, eval_loss, eval_count) with the step reached.
     """
-    setup = prepare(config)
+    setup = setup or prepare(config)
     steps, mesh = setup.steps, setup.mesh
     lead = jax.process_index() == 0
     sharding = NamedSharding(mesh, P("data"))
