@@ -151,6 +151,7 @@ def check_config(config) -> None:
 def create_model(config, num_classes: int, group_size: int | None):
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("bn_group_size", group_size)
+    kwargs.setdefault("fast_conv", config.get("fast_conv", True))
     return models.create(config.model, num_classes, dtype=DTYPES[config.dtype], **kwargs)
 
 
@@ -400,10 +401,11 @@ class Setup:
 
     config: ml_collections.ConfigDict
     mesh: Mesh
-    data: input_pipeline.Data
+    data: input_pipeline.Data | None
     steps: Steps
     num_classes: int
     image_size: int
+    channels: int
     model: Any
     schedule: Callable
     optimizer: optax.GradientTransformation
@@ -413,10 +415,6 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict) -> Setup:
     """Checks the config against the devices and data; raises ValueError, writes nothing to the workdir."""
     check_config(config)
-    # Process by process, so that each process's rows of the global batch land on its own devices.
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    per_device, num_micro = check_batch_arithmetic(config, len(devices), jax.process_count())
-    group = bn_group_size(config, per_device // num_micro)
     image_size = config.image_size or models.image_size(config.model)
     data = input_pipeline.create(
         config.dataset,
@@ -432,7 +430,24 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     num_classes = config.num_classes or data.info.num_classes
     if num_classes != data.info.num_classes:
         raise ValueError(f"num_classes={num_classes} but data set {config.dataset!r} has {data.info.num_classes}.")
-    steps = resolve_steps(config, data.info.num_train)
+    return prepare_model(config, num_classes, data.info.num_train, data.info.channels, data)
+
+
+def prepare_model(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    num_train: int,
+    channels: int = 3,
+    data: input_pipeline.Data | None = None,
+) -> Setup:
+    """The Setup of `prepare` for a data set of `num_train` images with `channels`;
+    `data` None serves benchmarks, which feed their own batches."""
+    check_config(config)
+    # Process by process, so that each process's rows of the global batch land on its own devices.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    per_device, num_micro = check_batch_arithmetic(config, len(devices), jax.process_count())
+    group = bn_group_size(config, per_device // num_micro)
+    steps = resolve_steps(config, num_train)
     schedule = create_schedule(config, steps)
     return Setup(
         config=config,
@@ -440,7 +455,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         data=data,
         steps=steps,
         num_classes=num_classes,
-        image_size=image_size,
+        image_size=config.image_size or models.image_size(config.model),
+        channels=channels,
         model=create_model(config, num_classes, group),
         schedule=schedule,
         optimizer=create_optimizer(config, schedule),
@@ -448,9 +464,17 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     )
 
 
+def jit_train_step(setup: Setup):
+    """The jitted train step of the training loop: (state, batch, key) -> (state, metrics); donates the state."""
+    step = make_train_step(
+        setup.model, setup.optimizer, setup.schedule, setup.config, setup.num_classes, setup.mesh, setup.num_micro
+    )
+    return jax.jit(step, donate_argnums=0)
+
+
 def init_state(setup: Setup) -> TrainState:
     """Initial state, created replicated on the mesh inside jit."""
-    shape = (1, setup.image_size, setup.image_size, setup.data.info.channels)
+    shape = (1, setup.image_size, setup.image_size, setup.channels)
 
     def init():
         variables = setup.model.init(
@@ -573,7 +597,7 @@ def train_and_evaluate(
 
     state = restore_or_init(setup, manager)
     rules = lars.mask_report(state.params, exclusion(config))
-    input_shape = (1, setup.image_size, setup.image_size, setup.data.info.channels)
+    input_shape = (1, setup.image_size, setup.image_size, setup.channels)
     mask = {path: rules[path] for path in models.param_order(setup.model, input_shape)}
     if lead:
         with open(os.path.join(workdir, MASK_FILE), "w") as f:
@@ -593,10 +617,7 @@ def train_and_evaluate(
         config.batch_size // mesh.size // setup.num_micro,
     )
 
-    train_step = jax.jit(
-        make_train_step(setup.model, setup.optimizer, setup.schedule, config, setup.num_classes, mesh, setup.num_micro),
-        donate_argnums=0,
-    )
+    train_step = jit_train_step(setup)
     eval_step = jax.jit(make_eval_step(setup.model, setup.num_classes))
     dropout_key = jax.random.key(config.seed + 1)  # `gradients` uses the same key
 

@@ -16,28 +16,11 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 
+from tools import cifar_data
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def cifar_subset(root: pathlib.Path, per_class: int = 200) -> pathlib.Path:
-    archive = pathlib.Path(os.environ["LARGEBATCH_SHARED_DATA"]) / "cifar10_jpeg.tar.gz"
-    counts = {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if not member.name.endswith(".jpg") or len(parts) < 4:
-                continue
-            key = (parts[-3], parts[-2])
-            if counts.get(key, 0) >= per_class:
-                continue
-            counts[key] = counts.get(key, 0) + 1
-            target = root / parts[-3] / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-    return root
 
 
 def step_times(workdir: pathlib.Path, skip: int = 5) -> list[float]:
@@ -53,7 +36,7 @@ def main():
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        data = cifar_subset(tmp / "cifar")
+        data = cifar_data.subset(cifar_data.extract(tmp / "full"), tmp / "cifar", {"train": 200, "test": 100})
         config = [
             "--config=configs/cifar10_lars.py:256",
             f"--config.data_dir={data}",

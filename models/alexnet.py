@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import BatchNorm, flatten, local_response_norm
+from models.layers import BatchNorm, Conv, flatten, local_response_norm
 
 # (features, kernel, stride, padding, max-pool after it) of the five convolutions.
 IMAGENET_CONVS = (
@@ -48,6 +48,7 @@ class AlexNet(nn.Module):
       fc_features: width of the two hidden dense layers.
       dropout_rate: dropout after each hidden dense layer.
       bn_group_size: see models.layers.BatchNorm.
+      fast_conv: convolutions formulated for XLA:CPU (models.layers.conv2d).
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -58,6 +59,7 @@ class AlexNet(nn.Module):
     fc_features: int = 4096
     dropout_rate: float = 0.5
     bn_group_size: int | None = None
+    fast_conv: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -65,12 +67,13 @@ class AlexNet(nn.Module):
         use_bn = self.norm == "batch"
         x = x.astype(self.dtype)
         for i, (features, kernel, stride, padding, pool) in enumerate(self.convs):
-            x = nn.Conv(
+            x = Conv(
                 features,
                 (kernel, kernel),
                 (stride, stride),
                 padding=padding,
                 use_bias=not use_bn,
+                fast=self.fast_conv,
                 dtype=self.dtype,
                 name=f"conv{i + 1}",
             )(x)

@@ -1,0 +1,43 @@
+"""The shared CIFAR-10 JPEGs as image folders: extraction and per-class subsets.
+
+The archive (cifar10_jpeg.tar.gz: train/<class>/*.jpg, test/<class>/*.jpg) lies
+in the folder named by $LARGEBATCH_SHARED_DATA; it is read-only there, so it is
+extracted elsewhere (about 5 s).
+"""
+
+import os
+import pathlib
+import tarfile
+
+ARCHIVE = "cifar10_jpeg.tar.gz"
+
+
+def shared_archive() -> pathlib.Path:
+    path = os.environ.get("LARGEBATCH_SHARED_DATA")
+    if not path:
+        raise RuntimeError(f"Set LARGEBATCH_SHARED_DATA to the folder holding {ARCHIVE} (.ci/run uses ../shared/data).")
+    return pathlib.Path(path) / ARCHIVE
+
+
+def extract(dest) -> pathlib.Path:
+    """Extracts the archive into dest once; returns the image folder (with train/ and test/)."""
+    dest = pathlib.Path(dest)
+    root = dest / "cifar10_jpeg"
+    if not (root / "test").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(shared_archive()) as tar:
+            tar.extractall(dest, filter="data")
+    return root
+
+
+def subset(source, dest, per_class: dict[str, int]) -> pathlib.Path:
+    """Links the first n images of every class of each split (per_class: split -> n) into dest."""
+    source, dest = pathlib.Path(source), pathlib.Path(dest)
+    for split, count in per_class.items():
+        for folder in sorted((source / split).iterdir()):
+            (dest / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for image in sorted(folder.iterdir())[:count]:
+                link = dest / split / folder.name / image.name
+                if not link.exists():
+                    os.symlink(image.resolve(), link)
+    return dest

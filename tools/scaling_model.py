@@ -1,0 +1,181 @@
+"""Time to train on N CPU nodes: measured compute per node plus a ring all-reduce per step.
+
+    python -m tools.scaling_model --out docs/scaling --readme README.md
+    python -m tools.scaling_model --measure ...   # re-time our steps here first (bench.bench_step)
+
+Model, per synchronous data-parallel step at global batch B on N nodes:
+
+    compute   = (B / N) / r_node                       images per node / node rate
+    allreduce = 2 (N-1) alpha + 2 (N-1)/N * 4P / beta  ring all-reduce of P float32 gradients
+    time      = epochs * images / B * (compute + allreduce)   (no overlap: an upper bound)
+
+r_node, the per-node training rate, is calibrated from our step measured on this
+machine scaled by peak FLOP/s (the node reaches the same fraction of its peak as
+our step reaches here), and, where the paper's coverage gives a single-node
+figure, from that (ResNet-50 on Skylake: 90 epochs in 32 min on 1,600 processors
+at ~73% scaling efficiency). alpha and beta default to Omni-Path (100 Gb/s, the
+Stampede2 interconnect) with 2 us latency.
+
+References:
+  You, Zhang, Hsieh, Demmel, Keutzer, arXiv:1709.05011 (11 min AlexNet on 1,024
+  Skylake CPUs; 20 min ResNet-50 on 2,048 Xeon Phi 7250).
+  Patarasuk and Yuan, "Bandwidth optimal all-reduce algorithms", 2009 (ring cost).
+"""
+
+import argparse
+import csv
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+IMAGENET_TRAIN = 1_281_167
+# Peak float32 FLOP/s: cores x clock x FLOP/cycle (two AVX-512 FMA units: 2 x 16 lanes x 2).
+NODES = {
+    "skylake": ("2x Xeon Platinum 8160 (48 cores, 2.1 GHz)", 48 * 2.1e9 * 64),
+    "knl": ("Xeon Phi 7250 (68 cores, 1.4 GHz)", 68 * 1.4e9 * 64),
+}
+# (network, parameters, epochs, global batch, node type, nodes, published minutes)
+PAPER = [
+    ("alexnet_bn", 62_379_720, 100, 32768, "skylake", 1024, 11.0),
+    ("resnet50", 25_557_032, 90, 32768, "knl", 2048, 20.0),
+    ("resnet50", 25_557_032, 90, 32768, "skylake", 1600, 32.0),  # from the coverage; batch assumed 32K
+]
+# Our train step here (bench/RESULTS.md, 2026-11-26: ResNet-50 batch 16 on 2 devices; AlexNet-BN
+# batch 64, best of the timings there), images/s, and this machine's matmul peak in that run, FLOP/s.
+MEASURED = {"alexnet_bn": 14.5, "resnet50": 4.25}
+HERE_PEAK = 209e9
+# ResNet-50 on Skylake from the paper's coverage: 90 epochs, 32 min, 1,600 processors, ~73% efficiency.
+PUBLISHED_SKYLAKE_RESNET50 = 90 * IMAGENET_TRAIN / (32 * 60) / 1600 / 0.73
+
+
+def allreduce_seconds(num_nodes: int, num_params: int, latency: float, bandwidth: float) -> float:
+    """Ring all-reduce of num_params float32 values: 2(N-1) latency-bound hops, 2(N-1)/N of the bytes each way."""
+    if num_nodes == 1:
+        return 0.0
+    return 2 * (num_nodes - 1) * latency + 2 * (num_nodes - 1) / num_nodes * 4 * num_params / bandwidth
+
+
+def train_minutes(
+    num_nodes: int, node_rate: float, num_params: int, epochs: float, batch: int, latency: float, bandwidth: float
+) -> float:
+    steps = epochs * IMAGENET_TRAIN / batch
+    step = batch / num_nodes / node_rate + allreduce_seconds(num_nodes, num_params, latency, bandwidth)
+    return steps * step / 60
+
+
+def node_rate(network: str, node: str, measured: dict, here_peak: float) -> float:
+    """Images/s of one node: our measured rate scaled by the ratio of peak FLOP/s."""
+    return measured[network] * NODES[node][1] / here_peak
+
+
+def predictions(measured: dict, here_peak: float, latency: float, bandwidth: float) -> list[dict]:
+    rows = []
+    for network, params, epochs, batch, node, nodes, published in PAPER:
+        rates = {"FLOP-scaled from this machine": node_rate(network, node, measured, here_peak)}
+        if (network, node) == ("resnet50", "skylake"):
+            # Circular for the 1,600-node row it comes from; shows what the all-reduce adds to it.
+            rates["published single-node rate"] = PUBLISHED_SKYLAKE_RESNET50
+        for calibration, rate in rates.items():
+            minutes = train_minutes(nodes, rate, params, epochs, batch, latency, bandwidth)
+            comm = allreduce_seconds(nodes, params, latency, bandwidth)
+            rows.append(
+                {
+                    "network": network,
+                    "epochs": epochs,
+                    "batch": batch,
+                    "node": node,
+                    "nodes": nodes,
+                    "calibration": calibration,
+                    "node_img_s": round(rate, 1),
+                    "allreduce_ms": round(1e3 * comm, 1),
+                    "compute_ms": round(1e3 * batch / nodes / rate, 1),
+                    "predicted_min": round(minutes, 1),
+                    "paper_min": published,
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| network, epochs, batch | nodes | per-node rate (calibration) | compute + all-reduce per step "
+        "| predicted | paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['network']}, {r['epochs']}, {r['batch']} | {r['nodes']} {r['node']} "
+            f"| {r['node_img_s']} img/s ({r['calibration']}) | {r['compute_ms']} + {r['allreduce_ms']} ms "
+            f"| {r['predicted_min']} min | {r['paper_min']} min |"
+        )
+    return "\n".join(lines)
+
+
+def plot(measured: dict, here_peak: float, latency: float, bandwidth: float, path):
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=100)
+    nodes = [2**k for k in range(0, 13)]
+    for network, params, epochs, batch, node, paper_nodes, published in PAPER:
+        rate = node_rate(network, node, measured, here_peak)
+        minutes = [train_minutes(n, rate, params, epochs, batch, latency, bandwidth) for n in nodes]
+        (line,) = ax.plot(nodes, minutes, marker=".", label=f"{network}, {epochs} epochs, {node} (model)")
+        ax.plot([paper_nodes], [published], marker="*", ms=14, color=line.get_color(), ls="none",
+                label=f"{network}: paper, {paper_nodes} nodes")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("minutes to train (batch 32K)")
+    ax.set_title("Scaling model: compute per node + ring all-reduce per step")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def measure() -> tuple[dict, float]:
+    """Times our train step here (one XLA device per core, the batches of PAPER's networks) and the matmul peak."""
+    import os
+
+    from bench import bench_step
+
+    peak = bench_step.run_cell(["peak", "-", "-", "0", "0", "0", "0"])["flops"]
+    rates = {}
+    for name, config_name, size, classes, batches, _ in bench_step.MODELS:
+        if name in MEASURED:
+            batch = batches[-1]
+            cell = ["fast", name, config_name, str(batch), "3", str(classes), str(size)]
+            rates[name] = batch / bench_step.run_cell(cell, devices=os.cpu_count())["seconds"]
+    return rates, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/scaling")
+    parser.add_argument("--latency_us", type=float, default=2.0)
+    parser.add_argument("--bandwidth_gbps", type=float, default=100.0)
+    parser.add_argument("--measure", action="store_true", help="time our steps here instead of the recorded rates")
+    parser.add_argument("--readme", default="", help="README whose scaling section gets the table")
+    args = parser.parse_args(argv)
+    measured, here_peak = measure() if args.measure else (MEASURED, HERE_PEAK)
+    latency, bandwidth = args.latency_us * 1e-6, args.bandwidth_gbps * 1e9 / 8
+    rows = predictions(measured, here_peak, latency, bandwidth)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scaling.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(measured, here_peak, latency, bandwidth, out / "scaling.png")
+    table = markdown(rows)
+    if args.readme:
+        from tools import study
+
+        study.replace_section(args.readme, "scaling", table)
+    print(f"measured here: {measured} img/s, peak {here_peak / 1e9:.0f} GFLOP/s")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
