@@ -415,6 +415,7 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict) -> Setup:
     """Checks the config against the devices and data; raises ValueError, writes nothing to the workdir."""
     check_config(config)
+    device_layout(config)  # batch/device errors before the data set is opened (demo registers itself on first use)
     image_size = config.image_size or models.image_size(config.model)
     data = input_pipeline.create(
         config.dataset,
@@ -433,6 +434,14 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     return prepare_model(config, num_classes, data.info.num_train, data.info.channels, data)
 
 
+def device_layout(config) -> tuple[list, int, int | None]:
+    """(devices in mesh order, micro-steps per update, BatchNorm group size) or ValueError."""
+    # Process by process, so that each process's rows of the global batch land on its own devices.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    per_device, num_micro = check_batch_arithmetic(config, len(devices), jax.process_count())
+    return devices, num_micro, bn_group_size(config, per_device // num_micro)
+
+
 def prepare_model(
     config: ml_collections.ConfigDict,
     num_classes: int,
@@ -443,10 +452,7 @@ def prepare_model(
     """The Setup of `prepare` for a data set of `num_train` images with `channels`;
     `data` None serves benchmarks, which feed their own batches."""
     check_config(config)
-    # Process by process, so that each process's rows of the global batch land on its own devices.
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    per_device, num_micro = check_batch_arithmetic(config, len(devices), jax.process_count())
-    group = bn_group_size(config, per_device // num_micro)
+    devices, num_micro, group = device_layout(config)
     steps = resolve_steps(config, num_train)
     schedule = create_schedule(config, steps)
     return Setup(

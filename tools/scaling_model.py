@@ -33,9 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 # Peak float32 FLOP/s: cores x clock x FLOP/cycle (two AVX-512 FMA units: 2 x 16 lanes x 2).
-NODES = {
-    "skylake": ("2x Xeon Platinum 8160 (48 cores, 2.1 GHz)", 48 * 2.1e9 * 64),
-    "knl": ("Xeon Phi 7250 (68 cores, 1.4 GHz)", 68 * 1.4e9 * 64),
+NODE_PEAK = {
+    "skylake": 48 * 2.1e9 * 64,  # 2x Xeon Platinum 8160: 48 cores, 2.1 GHz
+    "knl": 68 * 1.4e9 * 64,  # Xeon Phi 7250: 68 cores, 1.4 GHz
 }
 # (network, parameters, epochs, global batch, node type, nodes, published minutes)
 PAPER = [
@@ -68,7 +68,7 @@ def train_minutes(
 
 def node_rate(network: str, node: str, measured: dict, here_peak: float) -> float:
     """Images/s of one node: our measured rate scaled by the ratio of peak FLOP/s."""
-    return measured[network] * NODES[node][1] / here_peak
+    return measured[network] * NODE_PEAK[node] / here_peak
 
 
 def predictions(measured: dict, here_peak: float, latency: float, bandwidth: float) -> list[dict]:
