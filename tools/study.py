@@ -200,7 +200,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/study", help="results, plots and run workdirs")
     parser.add_argument("--data_dir", default="", help="CIFAR-10 image folder (default: extract the shared archive)")
-    parser.add_argument("--batches", default="128,256,512,1024,2048,4096")
+    parser.add_argument("--batches", default="128,256,512,1024,2048,4096,8192")
     parser.add_argument("--methods", default="sgd,lars")
     parser.add_argument("--model", default="cifar_resnet8")
     parser.add_argument("--epochs", type=float, default=6.0)
