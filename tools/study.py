@@ -88,8 +88,9 @@ def run_cell(method: str, batch: int, data_dir, args) -> dict:
     """Trains one cell (or resumes it) and returns its row of results.csv."""
     workdir = pathlib.Path(args.out) / "runs" / run_name(method, batch)
     start = time.time()
-    print(f"[study] {run_name(method, batch)}: {' '.join(main_command(method, batch, workdir, data_dir, args))}")
-    subprocess.run(main_command(method, batch, workdir, data_dir, args), cwd=REPO, check=True)
+    command = main_command(method, batch, workdir, data_dir, args)
+    print(f"[study] {run_name(method, batch)}: {' '.join(command)}")
+    subprocess.run(command, cwd=REPO, check=True)
     records = read_jsonl(workdir / "metrics.jsonl")
     last_eval = [r for r in records if r["kind"] == "eval"][-1]
     last_train = [r for r in records if r["kind"] == "train"][-1]
