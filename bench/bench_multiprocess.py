@@ -36,7 +36,7 @@ def main():
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        data = cifar_data.subset(cifar_data.extract(tmp / "full"), tmp / "cifar", {"train": 200, "test": 100})
+        data = cifar_data.subset(cifar_data.extract(), tmp / "cifar", {"train": 200, "test": 100})
         config = [
             "--config=configs/cifar10_lars.py:256",
             f"--config.data_dir={data}",

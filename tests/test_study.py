@@ -49,3 +49,12 @@ def test_study_runs_records_and_reports(cifar10_small, tmp_path):
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == stamps
+
+
+def test_study_rejects_unknown_method_before_writing(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "tools.study", f"--out={out}", "--methods=sgd,adam", "--data_dir=/nonexistent"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "unknown method(s) ['adam']" in result.stderr
+    assert not out.exists()

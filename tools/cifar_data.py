@@ -10,6 +10,8 @@ import pathlib
 import tarfile
 
 ARCHIVE = "cifar10_jpeg.tar.gz"
+# Where the study and the benchmarks keep their one extracted copy (tests use their own temporary one).
+CACHE = pathlib.Path.home() / ".cache" / "largebatch"
 
 
 def shared_archive() -> pathlib.Path:
@@ -19,7 +21,7 @@ def shared_archive() -> pathlib.Path:
     return pathlib.Path(path) / ARCHIVE
 
 
-def extract(dest) -> pathlib.Path:
+def extract(dest=CACHE) -> pathlib.Path:
     """Extracts the archive into dest once; returns the image folder (with train/ and test/)."""
     dest = pathlib.Path(dest)
     root = dest / "cifar10_jpeg"

@@ -24,6 +24,7 @@ References:
 
 import argparse
 import csv
+import os
 import pathlib
 
 import matplotlib
@@ -136,8 +137,6 @@ def plot(measured: dict, here_peak: float, latency: float, bandwidth: float, pat
 
 def measure() -> tuple[dict, float]:
     """Times our train step here (one XLA device per core, the batches of PAPER's networks) and the matmul peak."""
-    import os
-
     from bench import bench_step
 
     peak = bench_step.run_cell(["peak", "-", "-", "0", "0", "0", "0"])["flops"]

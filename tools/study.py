@@ -223,14 +223,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}.")
-    data_dir = args.data_dir or cifar_data.extract(pathlib.Path.home() / ".cache" / "largebatch")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data_dir or cifar_data.extract()
     csv_path = out / "results.csv"
     rows = read_csv(csv_path) if csv_path.exists() else []
     for batch in batches:
