@@ -14,8 +14,10 @@ $(VENV)/installed: requirements.txt
 demo: $(VENV)/installed
 	$(VENV)/bin/python main.py --config=configs/demo.py --workdir=/tmp/largebatch_demo
 
-# The whole test suite. The multi-process tests use Open MPI's mpirun
-# (Debian's openmpi-bin, installed here when missing; needs root or sudo-less apt).
+# The whole test suite. The multi-process tests use Open MPI's mpirun and the
+# cross-host tests make network-namespace hosts with iproute2 (Debian's
+# openmpi-bin and iproute2, installed here when missing; they need root).
 test: $(VENV)/installed
-	command -v mpirun >/dev/null || (apt-get update -qq && apt-get install -y -qq openmpi-bin >/dev/null)
+	command -v mpirun >/dev/null && command -v ip >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq openmpi-bin iproute2 >/dev/null)
 	LARGEBATCH_SHARED_DATA=$(SHARED_DATA) $(VENV)/bin/python -m pytest -q

@@ -22,6 +22,7 @@ is skipped silently.
 """
 
 import dataclasses
+import fcntl
 import functools
 import math
 import os
@@ -121,6 +122,18 @@ def _default_data_dir(data_dir: str | None) -> str:
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
+def _prepared_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
+    """Prepares a generated data set under a file lock: processes of one job
+    that start together on a fresh machine would otherwise all write it."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".largebatch_prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = make_builder()
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+    return builder
+
+
 def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder of a data set; raises ValueError if unusable.
 
@@ -143,10 +156,7 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         return builder
     data_dir = _default_data_dir(data_dir)
     if dataset == "demo":
-        builder = SklearnDigits(data_dir=data_dir)
-        if not builder.is_prepared():
-            builder.download_and_prepare()
-        return builder
+        return _prepared_once(lambda: SklearnDigits(data_dir=data_dir), data_dir)
     builder = tfds.builder(dataset, data_dir=data_dir)
     if builder.is_prepared():
         return builder

@@ -8,15 +8,16 @@ collectives: give --coordinator_address, --num_processes and --process_id;
 under Open MPI (mpirun) or SLURM (srun) with more than one task they are
 detected (--distributed=detect, the default).
 
-A process whose peer dies exits non-zero with a message instead of hanging:
-the collective that fails raises at once, or, where a peer stops answering,
-the runtime declares it dead after --heartbeat_timeout seconds.
+Each process gives gloo the local address that routes to the coordinator
+(or --collectives_interface / $GLOO_SOCKET_IFNAME / --collectives_address),
+and checks that every peer can reach it before anything is compiled; see
+cluster.py. A process whose peer dies, or whose host is cut off, exits
+non-zero with one `error:` line within --heartbeat_timeout seconds.
 """
 
 import logging as pylogging
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,6 +37,13 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_integer("num_cpu_devices", None, "XLA CPU devices in this process (default: 1).")
 flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the runtime declares a silent peer process dead.")
+flags.DEFINE_string(
+    "collectives_interface",
+    None,
+    "Network interface for the CPU collectives (gloo), e.g. eth0 or ib0; default $GLOO_SOCKET_IFNAME, "
+    "else the address that routes to the coordinator.",
+)
+flags.DEFINE_string("collectives_address", None, "This process's IP address for the collectives (overrides the above).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,72 +54,27 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def cluster_detected(environ=os.environ) -> bool:
-    """True under Open MPI's mpirun or SLURM's srun with more than one task."""
-    if int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return True
-    return "SLURM_STEP_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def start_jax():
-    """Configures and, when asked, starts the JAX distributed runtime."""
+    """Configures JAX and, when asked or under mpirun/srun, joins the distributed job."""
     import jax
+
+    import cluster
 
     if FLAGS.num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
     explicit = FLAGS.coordinator_address is not None
-    wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "detect" and cluster_detected())
+    wanted = FLAGS.distributed == "on" or (FLAGS.distributed == "detect" and cluster.cluster_detected())
     if FLAGS.distributed != "off" and (explicit or wanted):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kwargs = dict(
-            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
-            initialization_timeout=FLAGS.heartbeat_timeout * 5,
+        collectives = cluster.start(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            FLAGS.heartbeat_timeout,
+            FLAGS.collectives_address,
+            FLAGS.collectives_interface,
         )
-        if explicit:
-            kwargs.update(
-                coordinator_address=FLAGS.coordinator_address,
-                num_processes=FLAGS.num_processes,
-                process_id=FLAGS.process_id,
-            )
-        jax.distributed.initialize(**kwargs)
+        logging.info("Collectives (gloo) on %s (%s).", collectives.address, collectives.how)
     return jax
-
-
-def leave_after_peer_failure(jax, error: Exception):
-    """Exits non-zero at once, naming the lost processes, without the shutdown
-    barrier (which would wait for the dead peer's heartbeat timeout)."""
-    message = f"process {jax.process_index()} of {jax.process_count()} stops: {type(error).__name__}: {error}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    lost = lost_processes(jax, timeout=FLAGS.heartbeat_timeout)
-    if lost:
-        print(f"error: lost process(es): {', '.join(map(str, lost))}.", file=sys.stderr)
-    print("Restart all processes with the same --workdir to resume from the last checkpoint.", file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(1)
-
-
-def lost_processes(jax, timeout: float) -> list[int]:
-    """Asks the coordination service which processes are gone (waits at most `timeout` s).
-
-    A dead process is noticed when its connection drops or, at the latest,
-    after the heartbeat timeout. If the service itself is unreachable, process
-    0 (which hosts it) is the one lost.
-    """
-    from jax._src import distributed  # the client is not exposed publicly
-
-    client = distributed.global_state.client
-    ids = list(range(jax.process_count()))
-    deadline = time.time() + timeout
-    while client is not None and time.time() < deadline:
-        try:
-            live = client.get_live_nodes(ids)
-        except Exception:  # noqa: BLE001 - the coordinator is unreachable
-            return [0]
-        lost = sorted(set(ids) - set(live))
-        if lost:
-            return lost
-        time.sleep(0.25)
-    return []
 
 
 def main(argv):
@@ -122,7 +85,14 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    jax = start_jax()
+    import cluster
+
+    try:
+        jax = start_jax()
+    except cluster.ClusterError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 speaks for all
 
@@ -143,7 +113,9 @@ def main(argv):
         setup = train.prepare(config)
     except ValueError as e:
         logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            cluster.leave_together(timeout=FLAGS.heartbeat_timeout)
         return 2
     channels = setup.data.info.channels
     summary = models.summary(config.model, setup.model, channels=channels, size=setup.image_size)
@@ -159,8 +131,9 @@ def main(argv):
     else:
         try:
             _, result = train.train_and_evaluate(config, FLAGS.workdir, setup)
+            cluster.leave_together(timeout=FLAGS.heartbeat_timeout * 5)
         except Exception as e:  # noqa: BLE001 - any failure must end this process too
-            leave_after_peer_failure(jax, e)
+            cluster.leave_after_peer_failure(e, FLAGS.heartbeat_timeout)
     logging.info("Finished at step %d: %s", result["step"], result)
     return 0
 

@@ -30,3 +30,11 @@ def cifar10_dir(tmp_path_factory) -> pathlib.Path:
 def cifar10_small(cifar10_dir, tmp_path_factory) -> pathlib.Path:
     """2,000 training and 1,000 test images of the shared set (links), for tests of mechanics."""
     return cifar_data.subset(cifar10_dir, tmp_path_factory.mktemp("cifar10_small"), {"train": 200, "test": 100})
+
+
+@pytest.fixture(scope="session")
+def single_process_run(cifar10_small, tmp_path_factory):
+    """(config overrides, workdir) of the 1-process, 4-device run that multi-process layouts must reproduce."""
+    from multiprocess import single_process_reference
+
+    return single_process_reference(cifar10_small, tmp_path_factory.mktemp("p1x4") / "run")
