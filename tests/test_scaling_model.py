@@ -25,3 +25,20 @@ def test_flop_scaled_node_rate():
     assert scaling_model.node_rate("resnet50", "skylake", {"resnet50": 4.0}, 200e9) == pytest.approx(
         4.0 * 48 * 2.1e9 * 64 / 200e9
     )
+
+
+def test_measured_terms_from_the_allreduce_fit(tmp_path):
+    # The bench's JSON for 2 hosts: alpha 1 ms, beta 0.5 GB/s. 1,024 nodes, 10^6 parameters:
+    # 2*1023 hops of 1 ms, plus 2*1023/1024 of 4 MB at 0.5 GB/s.
+    path = tmp_path / "allreduce.json"
+    path.write_text('{"hosts": {"2": {"fit": {"alpha_s": 1e-3, "beta_bytes_per_s": 5e8}}}}')
+    terms = scaling_model.measured_terms(path)
+    assert terms == (1e-3, 5e8)
+    assert scaling_model.allreduce_seconds(1024, 1_000_000, *terms) == pytest.approx(
+        2.046 + 2 * 1023 / 1024 * 4e6 / 5e8
+    )
+    rows = scaling_model.predictions({"alexnet_bn": 10.0, "resnet50": 4.0}, 200e9, 2e-6, 12.5e9, terms)
+    first = rows[0]  # AlexNet-BN, 1,024 Skylake nodes
+    want = scaling_model.allreduce_seconds(1024, 62_379_720, *terms)
+    assert first["allreduce_measured_ms"] == pytest.approx(1e3 * want, abs=0.05)
+    assert "| predicted, measured terms |" in scaling_model.markdown(rows).splitlines()[0]

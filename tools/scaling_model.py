@@ -2,6 +2,7 @@
 
     python -m tools.scaling_model --out docs/scaling --readme README.md
     python -m tools.scaling_model --measure ...   # re-time our steps here first (bench.bench_step)
+    python -m tools.scaling_model --allreduce=docs/scaling/allreduce.json ...   # also with measured terms
 
 Model, per synchronous data-parallel step at global batch B on N nodes:
 
@@ -14,7 +15,12 @@ machine scaled by peak FLOP/s (the node reaches the same fraction of its peak as
 our step reaches here), and, where the paper's coverage gives a single-node
 figure, from that (ResNet-50 on Skylake: 90 epochs in 32 min on 1,600 processors
 at ~73% scaling efficiency). alpha and beta default to Omni-Path (100 Gb/s, the
-Stampede2 interconnect) with 2 us latency.
+Stampede2 interconnect) with 2 us latency. `--allreduce` adds a second
+prediction with alpha and beta fitted by bench/bench_allreduce.py (gloo over
+veth pairs between network namespaces on this machine, 2 hosts: one core per
+process), side by side with the assumed ones. veth is not Omni-Path: its
+alpha includes JAX's dispatch and TCP on a shared kernel, its beta is a
+memory copy by the same cores.
 
 References:
   You, Zhang, Hsieh, Demmel, Keutzer, arXiv:1709.05011 (11 min AlexNet on 1,024
@@ -24,6 +30,7 @@ References:
 
 import argparse
 import csv
+import json
 import os
 import pathlib
 
@@ -72,7 +79,17 @@ def node_rate(network: str, node: str, measured: dict, here_peak: float) -> floa
     return measured[network] * NODE_PEAK[node] / here_peak
 
 
-def predictions(measured: dict, here_peak: float, latency: float, bandwidth: float) -> list[dict]:
+def measured_terms(path, num_hosts: int = 2) -> tuple[float, float]:
+    """(alpha s, beta bytes/s) of the ring fitted by bench/bench_allreduce.py for `num_hosts` hosts."""
+    fitted = json.loads(pathlib.Path(path).read_text())["hosts"][str(num_hosts)]["fit"]
+    return fitted["alpha_s"], fitted["beta_bytes_per_s"]
+
+
+def predictions(
+    measured: dict, here_peak: float, latency: float, bandwidth: float, terms: tuple[float, float] | None = None
+) -> list[dict]:
+    """One row per (PAPER entry, calibration); with `terms` (alpha, beta) also the all-reduce and
+    minutes under those measured terms."""
     rows = []
     for network, params, epochs, batch, node, nodes, published in PAPER:
         rates = {"FLOP-scaled from this machine": node_rate(network, node, measured, here_peak)}
@@ -82,36 +99,43 @@ def predictions(measured: dict, here_peak: float, latency: float, bandwidth: flo
         for calibration, rate in rates.items():
             minutes = train_minutes(nodes, rate, params, epochs, batch, latency, bandwidth)
             comm = allreduce_seconds(nodes, params, latency, bandwidth)
-            rows.append(
-                {
-                    "network": network,
-                    "epochs": epochs,
-                    "batch": batch,
-                    "node": node,
-                    "nodes": nodes,
-                    "calibration": calibration,
-                    "node_img_s": round(rate, 1),
-                    "allreduce_ms": round(1e3 * comm, 1),
-                    "compute_ms": round(1e3 * batch / nodes / rate, 1),
-                    "predicted_min": round(minutes, 1),
-                    "paper_min": published,
-                }
-            )
+            row = {
+                "network": network,
+                "epochs": epochs,
+                "batch": batch,
+                "node": node,
+                "nodes": nodes,
+                "calibration": calibration,
+                "node_img_s": round(rate, 1),
+                "allreduce_ms": round(1e3 * comm, 1),
+                "compute_ms": round(1e3 * batch / nodes / rate, 1),
+                "predicted_min": round(minutes, 1),
+                "paper_min": published,
+            }
+            if terms:
+                row["allreduce_measured_ms"] = round(1e3 * allreduce_seconds(nodes, params, *terms), 1)
+                row["predicted_measured_min"] = round(train_minutes(nodes, rate, params, epochs, batch, *terms), 1)
+            rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
+    measured = "allreduce_measured_ms" in rows[0]
+    extra = " all-reduce, measured terms | predicted, measured terms |" if measured else ""
     lines = [
         "| network, epochs, batch | nodes | per-node rate (calibration) | compute + all-reduce per step "
-        "| predicted | paper |",
-        "|---|---|---|---|---|---|",
+        "(assumed terms) | predicted | paper |" + extra,
+        "|---|---|---|---|---|---|" + ("---|---|" if measured else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['network']}, {r['epochs']}, {r['batch']} | {r['nodes']} {r['node']} "
             f"| {r['node_img_s']} img/s ({r['calibration']}) | {r['compute_ms']} + {r['allreduce_ms']} ms "
             f"| {r['predicted_min']} min | {r['paper_min']} min |"
         )
+        if measured:
+            line += f" {r['allreduce_measured_ms']} ms | {r['predicted_measured_min']} min |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -155,11 +179,13 @@ def main(argv=None):
     parser.add_argument("--latency_us", type=float, default=2.0)
     parser.add_argument("--bandwidth_gbps", type=float, default=100.0)
     parser.add_argument("--measure", action="store_true", help="time our steps here instead of the recorded rates")
+    parser.add_argument("--allreduce", default="", help="bench_allreduce.py's JSON: add predictions with its terms")
     parser.add_argument("--readme", default="", help="README whose scaling section gets the table")
     args = parser.parse_args(argv)
     measured, here_peak = measure() if args.measure else (MEASURED, HERE_PEAK)
     latency, bandwidth = args.latency_us * 1e-6, args.bandwidth_gbps * 1e9 / 8
-    rows = predictions(measured, here_peak, latency, bandwidth)
+    terms = measured_terms(args.allreduce) if args.allreduce else None
+    rows = predictions(measured, here_peak, latency, bandwidth, terms)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scaling.csv", "w", newline="") as f:
