@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 SHARED_DATA ?= ../shared/data
 
-.PHONY: demo test
+.PHONY: demo test notebook
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(VENV)/installed: requirements.txt
 # Trains the offline demo (scikit-learn digits, ResNet-8, LARS).
 demo: $(VENV)/installed
 	$(VENV)/bin/python main.py --config=configs/demo.py --workdir=/tmp/largebatch_demo
+
+# Opens the trust-ratio notebook in Jupyter (installed on first use); WORKDIR defaults to the demo's.
+notebook: $(VENV)/installed
+	$(VENV)/bin/pip install -q -r notebooks/requirements.txt
+	$(VENV)/bin/jupyter notebook notebooks/trust_ratios.ipynb
 
 # The whole test suite. The multi-process tests use Open MPI's mpirun and the
 # cross-host tests make network-namespace hosts with iproute2 (Debian's

@@ -41,6 +41,13 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CIFAR_MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
 CIFAR_STD = (0.2470 * 255, 0.2435 * 255, 0.2616 * 255)
 DIGITS_MEAN, DIGITS_STD = (85.0,), (105.0,)
+# Per-channel (mean, std) of 0-255 pixels, by name; "auto" picks by data set.
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": (CIFAR_MEAN, CIFAR_STD),
+    "digits": (DIGITS_MEAN, DIGITS_STD),
+}
+AUTO_NORMALIZATION = {"cifar10": "cifar10", "demo": "digits"}  # every other data set: "imagenet"
 
 IMAGENET_STEPS = """\
 ImageNet (TFDS 'imagenet2012') is not prepared in data_dir={data_dir!r}.
@@ -180,17 +187,23 @@ def _eval_split(builder) -> str:
     raise ValueError(f"No evaluation split (validation/test/val) in {list(builder.info.splits)}.")
 
 
-def dataset_info(builder, dataset: str) -> DatasetInfo:
-    """Class count, split sizes, channels and normalisation of a prepared builder."""
+def normalization(name: str, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of NORMALIZATIONS[name]; "auto" = the data set's own (ImageNet's for image folders)."""
+    if name == "auto":
+        name = AUTO_NORMALIZATION.get(dataset, "imagenet")
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"Unknown normalization {name!r}; choose from {('auto', *NORMALIZATIONS)}.")
+    return NORMALIZATIONS[name]
+
+
+def dataset_info(builder, dataset: str, normalize: str = "auto") -> DatasetInfo:
+    """Class count, split sizes, channels and normalisation (see `normalization`) of a prepared builder."""
     eval_split = _eval_split(builder)
     if "train" not in builder.info.splits:
         raise ValueError(f"No 'train' split in {list(builder.info.splits)}.")
     features = builder.info.features
     channels = features["image"].shape[-1] or 3
-    mean, std = {
-        "cifar10": (CIFAR_MEAN, CIFAR_STD),
-        "demo": (DIGITS_MEAN, DIGITS_STD),
-    }.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = normalization(normalize, dataset)
     filename_key = next((k for k in ("file_name", "image/filename", "id") if k in features), None)
     return DatasetInfo(
         name=dataset,
@@ -347,6 +360,7 @@ class Preprocess:
     augment: str
     image_size: int
     info: DatasetInfo
+    flip: bool = True  # random horizontal flips in "pad_crop_flip" (not for digits, say)
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
@@ -361,8 +375,7 @@ class Preprocess:
         if self.augment == "imagenet":
             image = imagenet_train(encoded, seed, s, c)
         elif self.augment == "pad_crop_flip":
-            # Mirror images are not digits: the demo set gets pad-and-crop only.
-            image = pad_crop_flip(encoded, seed, s, c, flip=self.info.name != "demo")
+            image = pad_crop_flip(encoded, seed, s, c, flip=self.flip)
         else:
             image = plain(encoded, s, c)
         return self._normalise(image)
@@ -593,6 +606,8 @@ def create(
     process_count: int | None = None,
     num_shards: int = 0,
     cache: bool = False,
+    normalize: str = "auto",
+    flip: bool = True,
 ) -> Data:
     """Opens a data set for this process.
 
@@ -607,6 +622,8 @@ def create(
         the process count. Fix it to make runs on different numbers of
         processes see the same global batches.
       cache: keep encoded training images in memory.
+      normalize: a NORMALIZATIONS name or "auto" (see `normalization`).
+      flip: random horizontal flips in the "pad_crop_flip" augmentation.
 
     Returns:
       A Data whose iterators yield this process's NumPy rows.
@@ -622,8 +639,9 @@ def create(
     ):
         if batch % parts:
             raise ValueError(f"{name}={batch} is not divisible by {parts} (data shards or processes).")
+    normalization(normalize, dataset)  # a bad name fails before the data set is opened
     builder = get_builder(dataset, data_dir)
-    info = dataset_info(builder, dataset)
+    info = dataset_info(builder, dataset, normalize)
     per_process = num_shards // process_count
     shards = []
     for index in range(process_index * per_process, (process_index + 1) * per_process):
@@ -632,7 +650,7 @@ def create(
     eval_records, eval_count, eval_largest = split_share(builder, info.eval_split, process_index, process_count)
     return Data(
         info=info,
-        preprocess=Preprocess(augment, image_size, info),
+        preprocess=Preprocess(augment, image_size, info, flip),
         train_shards=shards,
         shard_batch=global_batch // num_shards,
         eval_records=eval_records,

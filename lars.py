@@ -1,4 +1,4 @@
-"""LARS, LAMB and momentum SGD as Optax gradient-transformation chains.
+"""LARS as an Optax gradient-transformation chain: Algorithm 1, line by line.
 
 LARS (Layer-wise Adaptive Rate Scaling) gives every parameter tensor its own
 learning rate, proportional to ||w|| / ||g||, so that no layer takes a step
@@ -16,15 +16,14 @@ Algorithm 1 of You, Gitman & Ginsburg (2017), per tensor w at step t, reads:
 `lars()` below is that algorithm as the chain
 `scale_by_lars` (local * (g + beta*w)) -> `scale_by_learning_rate` (lr_t) ->
 `optax.trace` (momentum), which keeps the LR inside the momentum buffer, as
-the paper does.
+the paper does. The other optimizers a config can name (momentum SGD, LAMB)
+and the schedules live in optimizers.py.
 
 References:
   You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks",
   arXiv:1708.03888, 2017.
   You, Zhang, Hsieh, Demmel, Keutzer, "ImageNet Training in Minutes",
   arXiv:1709.05011, 2017.
-  You et al., "Large Batch Optimization for Deep Learning: Training BERT in
-  76 minutes", arXiv:1904.00962, 2019 (LAMB).
 """
 
 import re
@@ -278,7 +277,7 @@ def scale_by_lars(
 
 
 # --------------------------------------------------------------------------
-# Optimizers.
+# The optimizer.
 # --------------------------------------------------------------------------
 
 
@@ -331,78 +330,6 @@ def lars(
     )
 
 
-def lamb(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    exclude: Exclude = NDIM_RULE,
-) -> optax.GradientTransformation:
-    """LAMB: Adam moments, decoupled weight decay, and the layer-wise trust ratio.
-
-    u = adam(g) + beta * w;  w = w - lr_t * (||w|| / ||u||) * u.
-
-    The trust ratio is the same `scale_by_lars` core with eta = 1 and the
-    "optax" formula applied to the Adam update.
-
-    Args:
-      learning_rate: float or optax schedule.
-      b1, b2, eps: Adam's moment decay rates and denominator guard.
-      weight_decay: decoupled weight decay (LARS tensors only).
-      exclude: as in `lars`.
-
-    Returns:
-      An optax.GradientTransformation.
-
-    References:
-      You et al., arXiv:1904.00962, Algorithm 2.
-    """
-    return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        scale_by_lars(
-            trust_coefficient=1.0,
-            weight_decay=weight_decay,
-            formula="optax",
-            mask=lars_mask(exclude),
-        ),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-
-
-def momentum_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    exclude: Exclude = NDIM_RULE,
-) -> optax.GradientTransformation:
-    """Momentum SGD with L2 weight decay on kernels: the Goyal et al. baseline.
-
-    v = m * v + lr_t * (g + beta * w);  w = w - v.
-
-    References:
-      Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1
-      Hour", arXiv:1706.02677, 2017.
-    """
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=lars_mask(exclude)),
-        optax.scale_by_learning_rate(learning_rate),
-        optax.trace(decay=momentum, nesterov=nesterov),
-    )
-
-
-OPTIMIZERS = ("lars", "sgd", "lamb")
-
-
-def create(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
-    """Builds an optimizer by name ("lars", "sgd" or "lamb")."""
-    factories = {"lars": lars, "sgd": momentum_sgd, "lamb": lamb}
-    if name not in factories:
-        raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
-    return factories[name](learning_rate, **kwargs)
-
-
 def get_trust_ratios(opt_state):
     """The per-tensor trust ratios kept in an optimizer state (None for SGD)."""
     return optax.tree_utils.tree_get(opt_state, "trust_ratios")
@@ -447,74 +374,3 @@ def trust_ratios(
             "grad_norm": float(g_norm),
         }
     return out
-
-
-# --------------------------------------------------------------------------
-# Schedules (all durations in steps; configs convert epochs in one place).
-# --------------------------------------------------------------------------
-
-
-def warmup_poly_schedule(
-    base_lr: float,
-    total_steps: int,
-    warmup_steps: int = 0,
-    end_lr: float = 0.0,
-    power: float = 2.0,
-) -> optax.Schedule:
-    """Linear warmup from 0 to base_lr, then polynomial decay to end_lr.
-
-    lr(t) = base_lr * t / W                                       for t < W
-    lr(t) = end + (base_lr - end) * (1 - (t - W) / (T - W))^power  for t >= W
-
-    References:
-      You, Zhang, Hsieh, Demmel, Keutzer, arXiv:1709.05011 (poly power 2).
-    """
-    decay = optax.polynomial_schedule(
-        init_value=base_lr,
-        end_value=end_lr,
-        power=power,
-        transition_steps=max(total_steps - warmup_steps, 1),
-    )
-    if warmup_steps <= 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
-
-
-def goyal_schedule(
-    base_lr: float,
-    warmup_steps: int,
-    boundaries: Sequence[int],
-    decay_factor: float = 0.1,
-) -> optax.Schedule:
-    """Linear warmup then step decay (x decay_factor at each boundary step).
-
-    With base_lr = 0.1 * batch / 256 this is the linear-scaling rule of Goyal
-    et al., the large-batch baseline LARS is compared against.
-
-    References:
-      Goyal et al., arXiv:1706.02677, sections 2.1-2.2.
-    """
-    steps = optax.piecewise_constant_schedule(
-        base_lr, {int(b) - warmup_steps: decay_factor for b in boundaries if b > warmup_steps}
-    )
-    if warmup_steps <= 0:
-        return steps
-    warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
-    return optax.join_schedules([warmup, steps], [warmup_steps])
-
-
-def warmup_cosine_schedule(
-    base_lr: float, total_steps: int, warmup_steps: int = 0, end_lr: float = 0.0
-) -> optax.Schedule:
-    """Linear warmup from 0 to base_lr, then cosine decay to end_lr at total_steps."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=base_lr,
-        warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1),
-        end_value=end_lr,
-    )
-
-
-SCHEDULES = ("poly", "step", "cosine")

@@ -25,12 +25,14 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import input_pipeline
 import lars
 import models
+import optimizers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METRICS_FILE = "metrics.jsonl"
@@ -129,8 +131,8 @@ def check_batch_arithmetic(config, num_devices: int, num_processes: int) -> tupl
 def check_config(config) -> None:
     """Names that must be among the known choices."""
     choices = {
-        "optimizer": lars.OPTIMIZERS,
-        "lr_schedule": lars.SCHEDULES,
+        "optimizer": optimizers.OPTIMIZERS,
+        "lr_schedule": optimizers.SCHEDULES,
         "lars_formula": lars.FORMULAS,
         "dtype": tuple(DTYPES),
         "dataset": input_pipeline.DATASETS,
@@ -153,39 +155,6 @@ def create_model(config, num_classes: int, group_size: int | None):
     kwargs.setdefault("bn_group_size", group_size)
     kwargs.setdefault("fast_conv", config.get("fast_conv", True))
     return models.create(config.model, num_classes, dtype=DTYPES[config.dtype], **kwargs)
-
-
-def create_schedule(config, steps: Steps) -> optax.Schedule:
-    if config.lr_schedule == "poly":
-        return lars.warmup_poly_schedule(
-            config.learning_rate, steps.total, steps.warmup, config.end_learning_rate, config.lr_power
-        )
-    if config.lr_schedule == "step":
-        return lars.goyal_schedule(config.learning_rate, steps.warmup, steps.decay_boundaries)
-    return lars.warmup_cosine_schedule(config.learning_rate, steps.total, steps.warmup, config.end_learning_rate)
-
-
-def exclusion(config) -> lars.Exclude:
-    rules = [r.strip() for r in config.exclude.split(",") if r.strip()]
-    return rules[0] if rules == [lars.NDIM_RULE] else (rules or None)
-
-
-def create_optimizer(config, schedule) -> optax.GradientTransformation:
-    common = dict(weight_decay=config.weight_decay, exclude=exclusion(config))
-    if config.optimizer == "lars":
-        return lars.lars(
-            schedule,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            trust_coefficient=config.trust_coefficient,
-            eps=config.lars_eps,
-            formula=config.lars_formula,
-            clip=config.lars_clip,
-            **common,
-        )
-    if config.optimizer == "sgd":
-        return lars.momentum_sgd(schedule, momentum=config.momentum, nesterov=config.nesterov, **common)
-    return lars.lamb(schedule, **common)
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -222,8 +191,8 @@ def split_microbatches(batch, mesh: Mesh, num_micro: int):
     return jax.tree.map(split, batch)
 
 
-def make_gradient_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
-    """Returns gradients(state, batch, key) -> (grads, batch_stats, loss, correct).
+def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
+    """Returns accumulate_grads(state, batch, key) -> (grads, batch_stats, loss, correct).
 
     The gradient of the mean loss over the global batch, accumulated over
     `num_micro` micro-steps (each taking its rows from every device's share);
@@ -243,7 +212,7 @@ def make_gradient_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(state: TrainState, batch, key):
+    def accumulate_grads(state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)
 
         def micro_step(carry, inputs):
@@ -271,15 +240,15 @@ def make_gradient_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int
         grads, batch_stats, loss, correct = carry
         return jax.tree.map(lambda g: g / num_micro, grads), batch_stats, loss / num_micro, correct
 
-    return gradients
+    return accumulate_grads
 
 
 def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: Mesh, num_micro: int):
     """Returns train_step(state, batch, dropout_key) -> (state, metrics)."""
-    gradients = make_gradient_fn(model, config, num_classes, mesh, num_micro)
+    accumulate_grads = make_grad_fn(model, config, num_classes, mesh, num_micro)
 
     def train_step(state: TrainState, batch, key):
-        grads, batch_stats, loss, correct = gradients(state, batch, key)
+        grads, batch_stats, loss, correct = accumulate_grads(state, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -346,11 +315,15 @@ def _scalars(metrics) -> dict[str, float]:
     return {k: float(metrics[k]) for k in keys}
 
 
+def _by_path(tree) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
 def trust_ratio_record(step: int, metrics, mask: dict[str, str]) -> dict:
     """One line of the trust-ratio log: per layer, in the order of `mask` (network order)."""
-    param_norms = lars.flatten_with_paths(metrics["layer_param_norms"])
-    grad_norms = lars.flatten_with_paths(metrics["layer_grad_norms"])
-    ratios = lars.flatten_with_paths(metrics["trust_ratios"]) if "trust_ratios" in metrics else {}
+    param_norms = _by_path(metrics["layer_param_norms"])
+    grad_norms = _by_path(metrics["layer_grad_norms"])
+    ratios = _by_path(metrics["trust_ratios"]) if "trust_ratios" in metrics else {}
     layers = {
         path: {
             "trust_ratio": float(ratios.get(path, 1.0)),
@@ -363,11 +336,39 @@ def trust_ratio_record(step: int, metrics, mask: dict[str, str]) -> dict:
     return {"step": step, "learning_rate": float(metrics["learning_rate"]), "layers": layers}
 
 
-def first_non_finite(grads_finite) -> str:
-    for path, finite in lars.flatten_with_paths(grads_finite).items():
-        if not bool(finite):
-            return path
-    return "(the loss)"
+class TrainingError(RuntimeError):
+    """An expected failure of a run (non-finite loss): main.py prints it as one `error:` line."""
+
+
+class FiniteCheck:
+    """Checks the steps' in-graph finiteness flags lazily (at log steps, before
+    evaluations and checkpoints), so the loop never waits on the host after a
+    step just to learn that it was fine. A non-finite step has left the state
+    as it was (the guard in the step), so nothing bad is ever saved."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, step: int, metrics):
+        self.pending.append((step, metrics["ok"], metrics["grads_finite"]))
+
+    def check(self, last_checkpoint: int | None):
+        """Raises TrainingError naming the first non-finite step since the last check."""
+        pending, self.pending = self.pending, []
+        oks = jax.device_get([ok for _, ok, _ in pending])
+        for (step, _, grads_finite), ok in zip(pending, oks):
+            if not ok:
+                finite = _by_path(jax.device_get(grads_finite))
+                first = next((path for path, good in finite.items() if not good), "(the loss only)")
+                resume = (
+                    f"the last checkpoint is step {last_checkpoint}"
+                    if last_checkpoint is not None
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {step + 1} (first non-finite gradient: {first}); "
+                    f"{resume}. Lower learning_rate or raise warmup_epochs."
+                )
 
 
 # --------------------------------------------------------------------------
@@ -415,8 +416,8 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict) -> Setup:
     """Checks the config against the devices and data; raises ValueError, writes nothing to the workdir."""
     check_config(config)
-    device_layout(config)  # batch/device errors before the data set is opened (demo registers itself on first use)
-    image_size = config.image_size or models.image_size(config.model)
+    layout = device_layout(config)  # batch/device errors before the data set is opened (the demo writes itself)
+    image_size = model_image_size(config)
     data = input_pipeline.create(
         config.dataset,
         config.data_dir or None,
@@ -427,11 +428,24 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         seed=config.seed,
         num_shards=config.data_shards,
         cache=config.cache,
+        normalize=config.normalization,
+        flip=config.random_flip,
     )
     num_classes = config.num_classes or data.info.num_classes
     if num_classes != data.info.num_classes:
         raise ValueError(f"num_classes={num_classes} but data set {config.dataset!r} has {data.info.num_classes}.")
-    return prepare_model(config, num_classes, data.info.num_train, data.info.channels, data)
+    return _setup(config, layout, num_classes, data.info.num_train, data.info.channels, image_size, data)
+
+
+def prepare_model(config: ml_collections.ConfigDict, num_classes: int, num_train: int, channels: int = 3) -> Setup:
+    """The Setup of `prepare` without a data set, for benchmarks that feed their own batches:
+    a data set of `num_train` images with `channels`."""
+    check_config(config)
+    return _setup(config, device_layout(config), num_classes, num_train, channels, model_image_size(config), None)
+
+
+def model_image_size(config) -> int:
+    return config.image_size or models.image_size(config.model)
 
 
 def device_layout(config) -> tuple[list, int, int | None]:
@@ -442,30 +456,21 @@ def device_layout(config) -> tuple[list, int, int | None]:
     return devices, num_micro, bn_group_size(config, per_device // num_micro)
 
 
-def prepare_model(
-    config: ml_collections.ConfigDict,
-    num_classes: int,
-    num_train: int,
-    channels: int = 3,
-    data: input_pipeline.Data | None = None,
-) -> Setup:
-    """The Setup of `prepare` for a data set of `num_train` images with `channels`;
-    `data` None serves benchmarks, which feed their own batches."""
-    check_config(config)
-    devices, num_micro, group = device_layout(config)
+def _setup(config, layout, num_classes: int, num_train: int, channels: int, image_size: int, data) -> Setup:
+    devices, num_micro, group = layout
     steps = resolve_steps(config, num_train)
-    schedule = create_schedule(config, steps)
+    schedule = optimizers.create_schedule(config, steps.total, steps.warmup, steps.decay_boundaries)
     return Setup(
         config=config,
         mesh=Mesh(np.asarray(devices), ("data",)),
         data=data,
         steps=steps,
         num_classes=num_classes,
-        image_size=config.image_size or models.image_size(config.model),
+        image_size=image_size,
         channels=channels,
         model=create_model(config, num_classes, group),
         schedule=schedule,
-        optimizer=create_optimizer(config, schedule),
+        optimizer=optimizers.create_optimizer(config, schedule),
         num_micro=num_micro,
     )
 
@@ -536,7 +541,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def gradients(setup: Setup, state: TrainState, batch: dict):
+def step_gradient(setup: Setup, state: TrainState, batch: dict):
     """The gradient the training step computes for `batch` at `state` (same micro-steps, same dropout key).
 
     Args:
@@ -547,7 +552,7 @@ def gradients(setup: Setup, state: TrainState, batch: dict):
     Returns:
       The gradient pytree (mean over the global batch).
     """
-    fn = make_gradient_fn(setup.model, setup.config, setup.num_classes, setup.mesh, setup.num_micro)
+    fn = make_grad_fn(setup.model, setup.config, setup.num_classes, setup.mesh, setup.num_micro)
     sharding = NamedSharding(setup.mesh, P("data"))
     key = jax.random.key(setup.config.seed + 1)
     return jax.jit(fn)(state, input_pipeline.to_global(batch, sharding), key)[0]
@@ -575,6 +580,66 @@ def evaluate(setup: Setup, state: TrainState, eval_step, sharding) -> dict[str, 
     }
 
 
+def _open_logs(workdir: str, lead: bool):
+    """(TensorBoard writer, metrics.jsonl, trust_ratios.jsonl); process 0 writes, the others get no-op writers.
+
+    The console gets one progress line per log step from the loop, so the
+    TensorBoard writer does not log to it as well."""
+    writer = (
+        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if lead else metric_writers.MultiWriter([])
+    )
+    metrics_log = JsonlWriter(os.path.join(workdir, METRICS_FILE), lead)
+    trust_log = JsonlWriter(os.path.join(workdir, TRUST_RATIOS_FILE), lead)
+    return writer, metrics_log, trust_log
+
+
+def _write_run_files(workdir: str, config, mask: dict[str, str], writer):
+    with open(os.path.join(workdir, MASK_FILE), "w") as f:
+        json.dump(mask, f, indent=1)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json(indent=1))
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+
+def _log_layout(setup: Setup):
+    steps, config = setup.steps, setup.config
+    logging.info(
+        "%d steps (%d per epoch), warmup %d, global batch %d = %d devices x %d micro-steps x %d",
+        steps.total,
+        steps.per_epoch,
+        steps.warmup,
+        config.batch_size,
+        setup.mesh.size,
+        setup.num_micro,
+        config.batch_size // setup.mesh.size // setup.num_micro,
+    )
+
+
+def _train_scalars(setup: Setup, metrics, done: int, step_time: float) -> dict[str, float]:
+    scalars = _scalars(metrics)
+    scalars.update(
+        step_time=step_time,
+        images_per_sec=setup.config.batch_size / step_time,
+        eta_sec=step_time * (setup.steps.total - done),
+        epoch=done / setup.steps.per_epoch,
+    )
+    return scalars
+
+
+def _log_progress(done: int, total: int, scalars: dict[str, float]):
+    logging.info(
+        "step %d/%d  epoch %.2f  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %.0f s",
+        done,
+        total,
+        scalars["epoch"],
+        scalars["loss"],
+        scalars["accuracy"],
+        scalars["learning_rate"],
+        scalars["images_per_sec"],
+        scalars["eta_sec"],
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, setup: Setup | None = None
 ) -> tuple[TrainState, dict[str, float]]:
@@ -589,43 +654,31 @@ def train_and_evaluate(
     Returns:
       The final train state, and the last evaluation's metrics (eval_top1,
       eval_top5, eval_loss, eval_count) with the step reached.
+
+    Raises:
+      TrainingError: a non-finite loss or gradient (the state is not saved past it).
     """
     setup = setup or prepare(config)
-    steps, mesh = setup.steps, setup.mesh
+    steps = setup.steps
     lead = jax.process_index() == 0
-    sharding = NamedSharding(mesh, P("data"))
+    sharding = NamedSharding(setup.mesh, P("data"))
 
     os.makedirs(workdir, exist_ok=True)
-    writer = metric_writers.create_default_writer(workdir) if lead else metric_writers.MultiWriter([])
-    metrics_log = JsonlWriter(os.path.join(workdir, METRICS_FILE), lead)
-    trust_log = JsonlWriter(os.path.join(workdir, TRUST_RATIOS_FILE), lead)
+    writer, metrics_log, trust_log = _open_logs(workdir, lead)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-
     state = restore_or_init(setup, manager)
-    rules = lars.mask_report(state.params, exclusion(config))
+    rules = lars.mask_report(state.params, optimizers.exclusion(config))
     input_shape = (1, setup.image_size, setup.image_size, setup.channels)
     mask = {path: rules[path] for path in models.param_order(setup.model, input_shape)}
     if lead:
-        with open(os.path.join(workdir, MASK_FILE), "w") as f:
-            json.dump(mask, f, indent=1)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json(indent=1))
-        writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        _write_run_files(workdir, config, mask, writer)
     logging.info("LARS exclusions: %s", {rule: sum(r == rule for r in mask.values()) for rule in set(mask.values())})
-    logging.info(
-        "%d steps (%d per epoch), warmup %d, global batch %d = %d devices x %d micro-steps x %d",
-        steps.total,
-        steps.per_epoch,
-        steps.warmup,
-        config.batch_size,
-        mesh.size,
-        setup.num_micro,
-        config.batch_size // mesh.size // setup.num_micro,
-    )
+    _log_layout(setup)
 
     train_step = jit_train_step(setup)
     eval_step = jax.jit(make_eval_step(setup.model, setup.num_classes))
-    dropout_key = jax.random.key(config.seed + 1)  # `gradients` uses the same key
+    dropout_key = jax.random.key(config.seed + 1)  # `step_gradient` uses the same key
+    finite = FiniteCheck()
 
     start = int(state.step)
     batches = setup.data.train_batches(start)
@@ -635,50 +688,38 @@ def train_and_evaluate(
         for step in range(start, steps.total):
             batch = input_pipeline.to_global(next(batches), sharding)
             state, metrics = train_step(state, batch, dropout_key)
+            finite.add(step, metrics)
             done = step + 1
-            if not bool(metrics["ok"]):
-                raise FloatingPointError(
-                    f"Non-finite loss or gradient at step {step}: first non-finite gradient in "
-                    f"{first_non_finite(metrics['grads_finite'])!r}. The last checkpoint is step "
-                    f"{manager.latest_step()}."
-                )
-            if done % steps.log == 0 or done == steps.total:
+            last = done == steps.total
+            if done % steps.log == 0 or last:
+                finite.check(manager.latest_step())
                 now = time.perf_counter()
-                step_time = (now - last_time) / (done - last_step)
+                scalars = _train_scalars(setup, metrics, done, (now - last_time) / (done - last_step))
                 last_time, last_step = now, done
-                scalars = _scalars(metrics)
-                scalars.update(
-                    step_time=step_time,
-                    images_per_sec=config.batch_size / step_time,
-                    eta_sec=step_time * (steps.total - done),
-                    epoch=done / steps.per_epoch,
-                )
                 writer.write_scalars(done, scalars)
                 metrics_log.write({"kind": "train", "step": done, **scalars})
-                logging.info(
-                    "step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %.0f s",
-                    done,
-                    steps.total,
-                    scalars["loss"],
-                    scalars["accuracy"],
-                    scalars["learning_rate"],
-                    scalars["images_per_sec"],
-                    scalars["eta_sec"],
-                )
-            if done % steps.trust_ratio == 0 or done == steps.total:
+                _log_progress(done, steps.total, scalars)
+            # Also the step after each checkpoint, so that a notebook can recompute
+            # the logged ratios from that checkpoint whatever the two periods are.
+            if done % steps.trust_ratio == 0 or last or (step % steps.checkpoint == 0 and step > 0):
                 trust_log.write(trust_ratio_record(done, jax.device_get(metrics), mask))
-            if done % steps.eval == 0 or done == steps.total:
+            if done % steps.eval == 0 or last:
+                finite.check(manager.latest_step())
                 result = {"step": done, **evaluate(setup, state, eval_step, sharding)}
                 writer.write_scalars(done, result)
                 metrics_log.write({"kind": "eval", **result})
-                logging.info("eval at step %d: top-1 %.4f top-5 %.4f", done, result["eval_top1"], result["eval_top5"])
-            if done % steps.checkpoint == 0 or done == steps.total:
+                logging.info("eval at step %d: %s", done, _format_eval(result))
+            if done % steps.checkpoint == 0 or last or stop.signal is not None:
+                finite.check(manager.latest_step())
                 save(manager, state)
             if stop.signal is not None:
-                logging.warning("Signal %d: saving the checkpoint of step %d and stopping.", stop.signal, done)
-                save(manager, state)
+                logging.warning("Signal %d: saved the checkpoint of step %d; stopping.", stop.signal, done)
                 result["step"] = done
                 break
     writer.flush()
     manager.close()
     return state, result
+
+
+def _format_eval(result: dict[str, float]) -> str:
+    return "  ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items() if k.startswith("eval_top"))

@@ -12,6 +12,7 @@ def get_config(batch="1024"):
     config.model = "cifar_resnet20"
     config.dataset = "image_folder"
     config.data_dir = ""  # the folder holding train/<class>/*.jpg and test/<class>/*.jpg
+    config.normalization = "cifar10"  # an image folder would get ImageNet's statistics
     config.augment = "pad_crop_flip"
     config.cache = True
     config.batch_size = int(batch)

@@ -30,6 +30,10 @@ def get_config():
     config.data_dir = ""
     config.image_size = 0  # 0 = the model's input size
     config.augment = "imagenet"  # "imagenet", "pad_crop_flip" or "none"
+    config.random_flip = True  # horizontal flips in "pad_crop_flip" (off for digits, text, ...)
+    # Per-channel mean/std: "imagenet", "cifar10", "digits" (input_pipeline.NORMALIZATIONS),
+    # or "auto" (the TFDS data set's own; ImageNet's for an image folder).
+    config.normalization = "auto"
     config.cache = False  # keep the encoded training images in memory
     # Training-data shards, 0 = one per process. Each shard is read by one
     # process and gives batch_size / data_shards rows of every global batch, so

@@ -11,7 +11,8 @@ def get_config():
     config.model = "cifar_resnet8"
     config.dataset = "demo"
     config.image_size = 8  # the digits are 8x8, one channel
-    config.augment = "pad_crop_flip"  # flips are left out for digits
+    config.augment = "pad_crop_flip"
+    config.random_flip = False  # a mirrored digit is not a digit
     config.cache = True
     config.batch_size = 256
     config.eval_batch_size = 300

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import input_pipeline as ip
+from configs import cifar10_lars, cifar10_sgd
 from tools import make_imagenet_archive
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -217,3 +218,34 @@ def test_real_imagenet2012_builder_on_a_small_archive(cifar10_dir, tmp_path):
     reference = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((224, 224), Image.BICUBIC), np.float32)
     reference = (reference - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
     assert np.corrcoef(image.ravel(), reference.ravel())[0, 1] > 0.97
+
+
+def test_cifar_configs_normalise_with_cifar_statistics(cifar10_dir, tmp_path):
+    # The statistics of the 50,000 training JPEGs, computed here with PIL in float64.
+    total, total_sq, pixels = np.zeros(3), np.zeros(3), 0
+    for path in sorted((cifar10_dir / "train").glob("*/*.jpg")):
+        image = np.asarray(Image.open(path).convert("RGB"), np.float64)
+        total, total_sq, pixels = total + image.sum((0, 1)), total_sq + (image**2).sum((0, 1)), pixels + 1024
+    mean = total / pixels
+    std = np.sqrt(total_sq / pixels - mean**2)
+    # The constants are those of the original binaries; JPEG re-encoding moves the
+    # mean by < 1e-4 and smooths the std by ~2e-3 (of the 0-1 range). ImageNet's differ by 0.03-0.05.
+    np.testing.assert_allclose(np.array(ip.CIFAR_MEAN) / 255, mean / 255, atol=1e-3)
+    np.testing.assert_allclose(np.array(ip.CIFAR_STD) / 255, std / 255, atol=4e-3)
+    for module in (cifar10_lars, cifar10_sgd):
+        config = module.get_config()
+        assert ip.normalization(config.normalization, config.dataset) == (ip.CIFAR_MEAN, ip.CIFAR_STD)
+    # The pipeline applies them: a one-image folder's eval image is (pixels - mean) / std.
+    source = cifar10_dir / "test" / "cat" / "0007.jpg"
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "0007.jpg").write_bytes(source.read_bytes())
+    data = ip.create("image_folder", str(tmp_path), global_batch=1, global_eval_batch=1, image_size=32,
+                     augment="pad_crop_flip", seed=0, normalize=config.normalization)  # fmt: skip
+    got = next(data.eval_batches())["image"][0]
+    pixels = np.asarray(Image.open(source).convert("RGB"), np.float64)
+    # TensorFlow's fast integer IDCT and PIL's accurate one differ by up to 4 levels per
+    # pixel (0.84 on average here); ImageNet's statistics would put the blue channel off by
+    # 6-35 levels (about 10 on average), red and green by up to 12.
+    undone = got * np.array(ip.CIFAR_STD) + np.array(ip.CIFAR_MEAN)
+    assert np.max(np.abs(undone - pixels)) <= 4 + 1e-3 and np.all(np.abs(np.mean(undone - pixels, (0, 1))) < 2)

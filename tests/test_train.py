@@ -76,7 +76,8 @@ def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
     assert trains[-1]["loss"] < trains[0]["loss"]
     assert all(t["images_per_sec"] > 0 and t["eta_sec"] >= 0 for t in trains)
     trust = [json.loads(line) for line in (tmp_path / "run" / train.TRUST_RATIOS_FILE).read_text().splitlines()]
-    assert [t["step"] for t in trust] == [100, 200, 300]
+    # Every 100 steps, the last, and the step after each checkpoint (150), for the notebook's live check.
+    assert [t["step"] for t in trust] == [100, 151, 200, 300]
     layers = trust[-1]["layers"]
     assert list(layers)[0] == "stem_conv/kernel" and list(layers)[-1] == "head/bias"  # network order
     assert layers["head/bias"]["excluded"] and layers["head/bias"]["trust_ratio"] == 1.0
@@ -94,6 +95,7 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
     overrides = dict(
         data_dir=cifar10_small, model="cifar_resnet8", batch_size=32, num_train_steps=5, bn_group="global",
         log_every_steps=1, eval_every_steps=5, checkpoint_every_steps=5, eval_batch_size=100,
+
     )  # fmt: skip
     for devices in (1, 4):
         code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / f"d{devices}", devices=devices)
@@ -105,9 +107,14 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
         metrics(tmp_path / "d1", "eval")[0]["eval_top1"], metrics(tmp_path / "d4", "eval")[0]["eval_top1"]
     )
     config = cifar_config(cifar10_small, **overrides)
-    params = [leaves(train.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
-    for a, b in zip(*params):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    one_params, four_params = [leaves(train.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
+    initial = leaves(train.init_state(train.prepare(config)))
+    for a, b, start in zip(one_params, four_params, initial):
+        # Same arithmetic summed in another order: float32 rounding, amplified by
+        # 5 steps (measured: up to 2e-3 of the distance a tensor moved, in BN
+        # biases). A layout bug (statistics per device) moves them by O(1) of it.
+        moved = np.max(np.abs(a - start))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * moved + 1e-7)
 
 
 def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path):
@@ -179,7 +186,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(cifar10_small, tmp_path):
     assert process.returncode == 0, output[-3000:]
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 1 <= saved[0] < 100_000
-    assert f"saving the checkpoint of step {saved[0]} and stopping" in output
+    assert f"saved the checkpoint of step {saved[0]}; stopping" in output
 
 
 @pytest.mark.parametrize(
@@ -221,12 +228,13 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_sm
         cifar10_small, optimizer="sgd", learning_rate=1e6, warmup_steps=0, lr_schedule="cosine", batch_size=32,
         num_train_steps=50, checkpoint_every_steps=1, eval_every_steps=1000, keep_checkpoints=2,
     )  # fmt: skip
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+): first non-finite") as e:
+    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at step (\d+) \(first non-finite") as e:
         train.train_and_evaluate(config, str(tmp_path / "run"))
-    step = int(e.value.args[0].split("at step ")[1].split(":")[0])
-    assert f"The last checkpoint is step {step}." in str(e.value)
+    step = int(e.value.args[0].split("at step ")[1].split(" ")[0])
+    # Checked lazily, but before every checkpoint: the last one is the step before.
+    assert f"the last checkpoint is step {step - 1}." in str(e.value)
     _, state = train.restore_state(config, tmp_path / "run")
-    assert int(state.step) == step
+    assert int(state.step) == step - 1
     assert all(np.isfinite(x).all() for x in leaves(state))
 
 

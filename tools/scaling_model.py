@@ -36,6 +36,8 @@ import pathlib
 
 import matplotlib
 
+from tools.markdown import replace_section
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -195,9 +197,7 @@ def main(argv=None):
     plot(measured, here_peak, latency, bandwidth, out / "scaling.png")
     table = markdown(rows)
     if args.readme:
-        from tools import study
-
-        study.replace_section(args.readme, "scaling", table)
+        replace_section(args.readme, "scaling", table)
     print(f"measured here: {measured} img/s, peak {here_peak / 1e9:.0f} GFLOP/s")
     print(table)
 

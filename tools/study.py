@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools import cifar_data, plot_trust_ratios  # noqa: E402
+from tools.markdown import replace_section  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"sgd": "momentum SGD, linear LR scaling", "lars": "LARS, poly decay"}
@@ -142,18 +143,6 @@ def markdown_table(rows: list[dict]) -> str:
             values.append(f"{100 * float(row['top1']):.1f} ({row['steps']})" if row else "not run yet")
         lines.append(f"| {batch} | " + " | ".join(values) + " |")
     return "\n".join(lines)
-
-
-def replace_section(readme, name: str, body: str):
-    """Replaces the text between <!-- name:begin --> and <!-- name:end --> in README with body."""
-    readme = pathlib.Path(readme)
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise ValueError(f"{readme} has no {begin} ... {end} section.")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 def update_readme(readme, rows: list[dict], csv_path):
