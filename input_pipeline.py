@@ -62,6 +62,10 @@ To check the set-up first on a tiny archive made from any image folder:
   python -m tools.make_imagenet_archive --help"""
 
 
+class DataError(ValueError):
+    """A data set that breaks during training (an image that does not decode)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What the training loop needs to know about a data set."""
@@ -137,6 +141,7 @@ def _prepared_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
         fcntl.flock(lock, fcntl.LOCK_EX)
         builder = make_builder()
         if not builder.is_prepared():
+            tfds.disable_progress_bar()  # a few seconds of generation; the bars would be noise
             builder.download_and_prepare()
     return builder
 
@@ -506,7 +511,10 @@ def numpy_batches(ds: tf.data.Dataset, records: tf.data.Dataset, info: DatasetIn
         except tf.errors.InvalidArgumentError as e:
             bad = find_corrupt_image(records, info)
             where = f"image {bad!r}" if bad else "an image"
-            raise ValueError(f"Cannot decode {where} of data set {info.name!r}: {e.message.splitlines()[0]}") from None
+            raise DataError(
+                f"cannot decode {where} of data set {info.name!r} ({e.message.splitlines()[0]}); "
+                "to list every undecodable file of an image folder: python -m tools.check_images DIR"
+            ) from None
         yield batch
 
 

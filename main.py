@@ -13,11 +13,18 @@ Each process gives gloo the local address that routes to the coordinator
 and checks that every peer can reach it before anything is compiled; see
 cluster.py. A process whose peer dies, or whose host is cut off, exits
 non-zero with one `error:` line within --heartbeat_timeout seconds.
+
+Every mistake in the command line or config ends in one `error:` line and exit
+code 2 before anything is written or compiled; an expected failure during
+training (an undecodable image, a non-finite loss) in one `error:` line and
+exit code 1. --verbose adds the traceback.
 """
 
 import logging as pylogging
 import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -44,14 +51,81 @@ flags.DEFINE_string(
     "else the address that routes to the coordinator.",
 )
 flags.DEFINE_string("collectives_address", None, "This process's IP address for the collectives (overrides the above).")
+flags.DEFINE_bool("verbose", False, "Also print libraries' INFO lines and the traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+EXIT_CONFIG, EXIT_RUNTIME = 2, 1
 
-class _QuietLibraries(pylogging.Filter):
-    """Drops Orbax's INFO lines (several per checkpoint); its warnings stay."""
+
+class _OwnInfoOnly(pylogging.Filter):
+    """Console: INFO lines from this repository's code; libraries' warnings and errors only."""
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        ours = record.pathname.startswith(REPO + os.sep) and "site-packages" not in record.pathname
+        return record.levelno >= pylogging.WARNING or ours
+
+
+def _quiet_environment():
+    """What TensorFlow and absl read at import: set before either is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO and oneDNN banners
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _config_error_message(error: Exception) -> str:
+    """One line for a failure to load the config file or an override."""
+    text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
+    typo = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text)
+    if typo:
+        return f"unknown config key {typo.group(1)!r}; did you mean {typo.group(2)!r}? (configs/default.py lists them)"
+    missing = re.fullmatch(r"\W*'?(\w+)'?\W*", text)
+    if isinstance(error, (AttributeError, KeyError)) and missing:
+        return f"unknown config key {missing.group(1)!r} (configs/default.py lists them)"
+    if "Failed loading config file" in text or "No such file" in text:
+        return f"cannot load the config file: {text.split('Attempted')[-1].strip()}"
+    if isinstance(error, TypeError) and "get_config()" in text:
+        return f"{text}: this config file takes no variant after ':'"
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one `error:` line (exit 2) instead of a traceback."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # config_flags reports a file that failed to load on first use
+        return remaining
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # A config file that raised while loading: the flag and the exception, not its traceback.
+        message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else lines[0]
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:  # from loading the config
+        message = _config_error_message(e)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+def check_workdir(workdir: str):
+    """A workdir that exists must be a writable folder; a new one needs a writable parent."""
+    if os.path.exists(workdir):
+        if not os.path.isdir(workdir):
+            raise ValueError(f"--workdir={workdir} is a file, not a folder.")
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise ValueError(f"--workdir={workdir} is not writable.")
+        return
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not a writable folder.")
+
+
+def fail(message: str, code: int) -> int:
+    """Prints the traceback (--verbose only) and one `error:` line; returns the exit code."""
+    if FLAGS.verbose:
+        traceback.print_exc()
+    hint = "" if FLAGS.verbose else " (--verbose shows the traceback)" if code == EXIT_RUNTIME else ""
+    print(f"error: {message}{hint}", file=sys.stderr, flush=True)
+    return code
 
 
 def start_jax():
@@ -79,8 +153,14 @@ def start_jax():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+        print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
+        return EXIT_CONFIG
+    if not FLAGS.verbose:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    try:
+        check_workdir(FLAGS.workdir)
+    except ValueError as e:
+        return fail(str(e), EXIT_CONFIG)
     # TensorFlow only reads data: keep it off any accelerator JAX uses.
     import tensorflow as tf
 
@@ -90,16 +170,22 @@ def main(argv):
     try:
         jax = start_jax()
     except cluster.ClusterError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return fail(str(e), EXIT_RUNTIME)
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 speaks for all
+    code = train_in(jax, FLAGS.config, FLAGS.workdir)
+    if jax.process_count() > 1:
+        cluster.leave_together(timeout=FLAGS.heartbeat_timeout * (5 if code == 0 else 1))
+    return code
 
+
+def train_in(jax, config, workdir: str) -> int:
+    """Checks, prepares and trains; returns the exit code."""
+    import cluster
+    import input_pipeline
     import models
     import train
 
-    config = FLAGS.config
     logging.info(
         "JAX %s: process %d of %d, %d local / %d global devices (%s)",
         jax.__version__,
@@ -110,15 +196,13 @@ def main(argv):
         jax.devices()[0].device_kind,
     )
     try:
+        changed = train.check_resume(config, workdir)
         setup = train.prepare(config)
     except ValueError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if jax.process_count() > 1:
-            cluster.leave_together(timeout=FLAGS.heartbeat_timeout)
-        return 2
-    channels = setup.data.info.channels
-    summary = models.summary(config.model, setup.model, channels=channels, size=setup.image_size)
+        return fail(str(e), EXIT_CONFIG)
+    if changed:
+        logging.warning("Resuming %s with changed config keys: %s.", workdir, ", ".join(changed))
+    summary = models.summary(config.model, setup.model, channels=setup.channels, size=setup.image_size)
     logging.info(
         "Model %s: %s parameters, %.3f GFLOPs per image forward (%.3f per training step and image, x3)",
         config.model,
@@ -126,18 +210,18 @@ def main(argv):
         summary["gflops_per_image"],
         3 * summary["gflops_per_image"],
     )
-    if jax.process_count() == 1:
-        _, result = train.train_and_evaluate(config, FLAGS.workdir, setup)
-    else:
-        try:
-            _, result = train.train_and_evaluate(config, FLAGS.workdir, setup)
-            cluster.leave_together(timeout=FLAGS.heartbeat_timeout * 5)
-        except Exception as e:  # noqa: BLE001 - any failure must end this process too
+    try:
+        _, result = train.train_and_evaluate(config, workdir, setup)
+    except (train.TrainingError, input_pipeline.DataError) as e:
+        return fail(str(e), EXIT_RUNTIME)
+    except Exception as e:
+        if jax.process_count() > 1:  # most likely a lost peer: name it, and never hang
             cluster.leave_after_peer_failure(e, FLAGS.heartbeat_timeout)
+        raise
     logging.info("Finished at step %d: %s", result["step"], result)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(lambda argv: sys.exit(main(argv)))
+    _quiet_environment()
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

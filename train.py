@@ -39,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 TRUST_RATIOS_FILE = "trust_ratios.jsonl"
 MASK_FILE = "lars_mask.json"
 CONFIG_FILE = "config.json"
+LAYOUT_FILE = "layout.json"  # processes and devices of the run (gradients depend on them with per-device BN)
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -278,17 +279,20 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
 
 
 def make_eval_step(model, num_classes: int):
+    """Returns eval_step(state, batch) -> summed top-1, top-5 (with 5 classes or more), loss, count."""
+
     def eval_step(state: TrainState, batch):
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-        mask = batch["mask"]
-        top5 = jax.lax.top_k(logits, 5)[1]
-        labels = batch["label"]
-        return {
+        mask, labels = batch["mask"], batch["label"]
+        sums = {
             "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
             "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
             "count": jnp.sum(mask),
         }
+        if num_classes >= 5:  # top-5 of fewer classes is always right
+            top5 = jax.lax.top_k(logits, 5)[1]
+            sums["top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask)
+        return sums
 
     return eval_step
 
@@ -535,6 +539,41 @@ def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None =
     return setup, state
 
 
+# Keys whose change makes a workdir's checkpoints unusable: parameter or optimizer-state shapes.
+SHAPE_KEYS = ("model", "model_kwargs", "num_classes", "dataset", "image_size", "optimizer")
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Compares `config` with the config.json of a run with checkpoints in workdir.
+
+    Returns:
+      The keys that differ but only change the run (batch size, LR, steps, ...):
+      the run resumes with the new values.
+    Raises:
+      ValueError: naming the keys that change parameter or optimizer shapes.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isfile(path) or not any(p.isdigit() for p in _listdir(checkpoints)):
+        return []
+    with open(path) as f:
+        old = traverse_util.flatten_dict(json.load(f), sep=".")
+    new = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
+    differ = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    blocking = [key for key in differ if key.split(".")[0] in SHAPE_KEYS]
+    if blocking:
+        changes = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in blocking)
+        raise ValueError(
+            f"--workdir={workdir} holds checkpoints of another model or data set ({changes}); "
+            "use a new --workdir, or the old values to resume."
+        )
+    return differ
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
     """The config a run in workdir was started with (written there by train_and_evaluate)."""
     with open(os.path.join(workdir, CONFIG_FILE)) as f:
@@ -571,13 +610,8 @@ def evaluate(setup: Setup, state: TrainState, eval_step, sharding) -> dict[str, 
         out = eval_step(state, input_pipeline.to_global(batch, sharding))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {
-        "eval_top1": float(totals["top1"]) / count,
-        "eval_top5": float(totals["top5"]) / count,
-        "eval_loss": float(totals["loss"]) / count,
-        "eval_count": count,
-    }
+    count = float(totals.pop("count"))
+    return {f"eval_{name}": float(total) / count for name, total in totals.items()} | {"eval_count": count}
 
 
 def _open_logs(workdir: str, lead: bool):
@@ -593,9 +627,12 @@ def _open_logs(workdir: str, lead: bool):
     return writer, metrics_log, trust_log
 
 
-def _write_run_files(workdir: str, config, mask: dict[str, str], writer):
+def _write_run_files(workdir: str, setup: Setup, mask: dict[str, str], writer):
+    config = setup.config
     with open(os.path.join(workdir, MASK_FILE), "w") as f:
         json.dump(mask, f, indent=1)
+    with open(os.path.join(workdir, LAYOUT_FILE), "w") as f:
+        json.dump({"processes": jax.process_count(), "devices": setup.mesh.size}, f)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json(indent=1))
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
@@ -671,7 +708,7 @@ def train_and_evaluate(
     input_shape = (1, setup.image_size, setup.image_size, setup.channels)
     mask = {path: rules[path] for path in models.param_order(setup.model, input_shape)}
     if lead:
-        _write_run_files(workdir, config, mask, writer)
+        _write_run_files(workdir, setup, mask, writer)
     logging.info("LARS exclusions: %s", {rule: sum(r == rule for r in mask.values()) for rule in set(mask.values())})
     _log_layout(setup)
 

@@ -6,6 +6,7 @@ the flag when its CPU client starts, so it is set before jax is imported.
 
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -38,3 +39,22 @@ def single_process_run(cifar10_small, tmp_path_factory):
     from multiprocess import single_process_reference
 
     return single_process_reference(cifar10_small, tmp_path_factory.mktemp("p1x4") / "run")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(workdir, exit code, output) of the README's `make demo` command on a clean clone, fresh TFDS dir."""
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("make demo") < readme.index("make test") < 2000
+    makefile = (REPO / "Makefile").read_text().split("\ndemo:")[1]
+    command = next(line for line in makefile.splitlines() if "main.py" in line)
+    demo_args = command.split("main.py", 1)[1].split()
+    assert demo_args[0] == "--config=configs/demo.py" and demo_args[1].startswith("--workdir=")
+    root = tmp_path_factory.mktemp("demo")
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root / "clone")], check=True)
+    env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"))
+    env.pop("XLA_FLAGS", None)
+    workdir = root / "workdir"
+    done = subprocess.run([sys.executable, "main.py", demo_args[0], f"--workdir={workdir}"], cwd=root / "clone",
+                          env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    return workdir, done.returncode, done.stdout + done.stderr

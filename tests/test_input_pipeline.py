@@ -163,7 +163,7 @@ def test_corrupt_image_is_named(tmp_path, cifar10_dir):
                 os.symlink(cifar10_dir / split / c / f"000{i}.jpg", tmp_path / split / c / f"{i}.jpg")
     (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     data = open_data("image_folder", str(tmp_path), batch=7, augment="pad_crop_flip")
-    with pytest.raises(ValueError, match=r"Cannot decode image '.*train/dog/broken.jpg'"):
+    with pytest.raises(ip.DataError, match=r"cannot decode image '.*train/dog/broken.jpg'.*tools.check_images DIR"):
         next(data.train_batches(0))
 
 

@@ -33,25 +33,40 @@ def runs(cifar10_small, tmp_path_factory):
     return workdirs
 
 
-def test_notebook_runs_and_live_ratios_match_the_log(runs):
+def execute_notebook(workdir, compare=()) -> tuple[dict, list]:
+    """Runs the notebook on `workdir`; returns its live check ({"step", "diff"}) and its images."""
     notebook = nbformat.read(REPO / "notebooks" / "trust_ratios.ipynb", as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells), "commit the notebook without outputs"
     index = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", []))
-    notebook.cells.insert(
-        index + 1, nbformat.v4.new_code_cell(f"WORKDIR = {str(runs[0])!r}\nCOMPARE_WORKDIRS = [{str(runs[1])!r}]")
-    )
+    setting = f"WORKDIR = {str(workdir)!r}\nCOMPARE_WORKDIRS = {[str(w) for w in compare]!r}"
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(setting))
     notebook.cells.append(
         nbformat.v4.new_code_cell("import json; print(json.dumps({'step': step, 'diff': max_relative_difference}))")
     )
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(REPO / "notebooks")}})  # fmt: skip
     client.execute()
-    result = json.loads(notebook.cells[-1].outputs[0]["text"])
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    return json.loads(notebook.cells[-1].outputs[0]["text"]), images
+
+
+def test_notebook_runs_and_live_ratios_match_the_log(runs):
+    result, images = execute_notebook(runs[0], compare=[runs[1]])
     # Checkpoint 2 and the record of step 3: the same gradient, recomputed.
     assert result["step"] == 2
     assert result["diff"] < 1e-4
-    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # curves, 4 plots, the overlay
+
+
+def test_notebook_runs_on_the_demo_workdir(demo_run):
+    """make demo's workdir with its default settings: trust ratios every 20 steps, checkpoints every 50."""
+    workdir, code, output = demo_run
+    assert code == 0, output[-3000:]
+    result, images = execute_notebook(workdir)
+    # The trainer logs the step after each checkpoint (50, 100; 150 is the last step).
+    assert result["step"] == 100
+    assert result["diff"] < 1e-4
+    assert len(images) >= 5
 
 
 def test_command_line_plots(runs, tmp_path):

@@ -238,18 +238,10 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_sm
     assert all(np.isfinite(x).all() for x in leaves(state))
 
 
-def test_readme_demo_command_on_a_clean_clone(tmp_path):
+def test_readme_demo_command_on_a_clean_clone(demo_run):
     """The README's first command (make demo), minus the virtualenv set-up, on a clean clone."""
-    readme = (REPO / "README.md").read_text()
-    assert readme.index("make demo") < readme.index("make test") < 1000
-    makefile = (REPO / "Makefile").read_text().split("\ndemo:")[1]
-    command = next(line for line in makefile.splitlines() if "main.py" in line)
-    demo_args = command.split("main.py", 1)[1].split()
-    assert demo_args[0] == "--config=configs/demo.py" and demo_args[1].startswith("--workdir=")
-    subprocess.run(["git", "clone", "-q", str(REPO), str(tmp_path / "clone")], check=True)
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    code, output = run_main(["--config=configs/demo.py"], tmp_path / "demo", env=env, cwd=tmp_path / "clone")
+    workdir, code, output = demo_run
     assert code == 0, output[-3000:]
-    final = metrics(tmp_path / "demo", "eval")[-1]
+    final = metrics(workdir, "eval")[-1]
     # Measured: 0.957 top-1 on the 300 held-out digits after 150 steps.
     assert final["step"] == demo.get_config().num_epochs * 5 and final["eval_top1"] > 0.9

@@ -1,0 +1,168 @@
+"""Mistakes a new user makes, through main.py: one `error:` line, the right exit code, nothing written."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR = "--config=configs/cifar10_lars.py"
+
+
+def run_main(args, cwd=REPO, timeout=600):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "main.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    return done.returncode, done.stdout, done.stderr
+
+
+def snapshot(*folders) -> dict[str, str]:
+    """Path -> content hash of every file under the folders (that exist)."""
+    files = {}
+    for folder in map(pathlib.Path, folders):
+        if folder.is_file():
+            files[str(folder)] = hashlib.sha256(folder.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.is_file():
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def small_cifar(data_dir, **extra):
+    values = dict(data_dir=data_dir, model="cifar_resnet8", batch_size=32, num_train_steps=2, eval_batch_size=100,
+                  eval_every_steps=1000, checkpoint_every_steps=1, log_every_steps=1)  # fmt: skip
+    values.update(extra)
+    return [CIFAR] + [f"--config.{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="module")
+def trained(cifar10_small, tmp_path_factory):
+    """A workdir with a finished 2-step cifar_resnet8 run (checkpoints 1 and 2)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    code, _, err = run_main([*small_cifar(cifar10_small), f"--workdir={workdir}"])
+    assert code == 0, err[-3000:]
+    return workdir
+
+
+# (case, arguments with {data} and {workdir} and {file}, exit code, words in the error line)
+CONFIG_ERRORS = [
+    ("key typo", ["--config=configs/demo.py", "--config.batchsize=8"], ["unknown config key 'batchsize'",
+                                                                          "did you mean 'batch_size'?"]),
+    ("bad value", ["--config=configs/demo.py", "--config.batch_size=many"], ["--config.batch_size=many", "int()"]),
+    ("no such config file", ["--config=configs/resnet51.py"], ["cannot load the config file", "configs/resnet51.py"]),
+    ("variant not taken", ["--config=configs/demo.py:512"], ["get_config() takes 0 positional arguments"]),
+    ("stray argument", ["--config=configs/demo.py", "train"], ["unexpected arguments ['train']"]),
+    ("workdir is a file", ["--config=configs/demo.py", "--workdir={file}"], ["is a file, not a folder"]),
+    ("batch over devices", [*small_cifar("{data}", batch_size=30), "--num_cpu_devices=4"],
+     ["batch_size=30 is not divisible by the 4 devices"]),
+    ("unknown model", small_cifar("{data}", model="resnet51"), ["Unknown model 'resnet51'"]),
+    ("unknown normalization", small_cifar("{data}", normalization="mnist"), ["Unknown normalization 'mnist'"]),
+    ("class count", small_cifar("{data}", num_classes=100), ["num_classes=100 but data set 'image_folder' has 10"]),
+    ("empty data folder", small_cifar("{empty}"), ["no <split>/<class>/<image> files"]),
+    ("another model in the workdir", [*small_cifar("{data}", model="cifar_resnet20"), "--workdir={trained}"],
+     ["holds checkpoints of another model", "model 'cifar_resnet8' -> 'cifar_resnet20'", "use a new --workdir"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,args,words", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
+def test_configuration_mistakes(case, args, words, cifar10_small, trained, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a workdir")
+    (tmp_path / "empty").mkdir()
+    values = dict(data=cifar10_small, file=a_file, trained=trained, empty=tmp_path / "empty")
+    args = [arg.format(**values) for arg in args]
+    if not any(arg.startswith("--workdir=") for arg in args):
+        args.append(f"--workdir={tmp_path / 'run'}")
+    watched = [tmp_path, trained, cifar10_small]
+    before = snapshot(*watched)
+    code, out, err = run_main(args)
+    assert code == 2, (case, err[-3000:])
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, err[-3000:]
+    for word in words:
+        assert word in lines[-1], (word, lines[-1])
+    assert "Traceback" not in err + out
+    assert snapshot(*watched) == before  # nothing written, in the workdir or the data
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_image_stops_with_its_name_and_check_images_lists_all(cifar10_small, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (data / split / label).mkdir(parents=True)
+            for i in range(8):
+                os.symlink(cifar10_small / split / label / sorted(os.listdir(cifar10_small / split / label))[i],
+                           data / split / label / f"{i}.jpg")  # fmt: skip
+    (data / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "test" / "cat" / "empty.jpg").write_bytes(b"")
+    code, _, err = run_main([*small_cifar(data, batch_size=8, eval_batch_size=8), f"--workdir={tmp_path / 'run'}"])
+    assert code == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot decode image '") and "train/dog/broken.jpg" in last, last
+    assert "python -m tools.check_images DIR" in last and "Traceback" not in err
+    done = subprocess.run([sys.executable, "-m", "tools.check_images", str(data)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    listed = [line.split(":")[0] for line in done.stdout.splitlines()[:-1]]
+    assert listed == [str(data / "test" / "cat" / "empty.jpg"), str(data / "train" / "dog" / "broken.jpg")]
+    assert done.stdout.splitlines()[-1] == f"2 undecodable image file(s) under {data}."
+
+
+def test_non_finite_loss_before_any_checkpoint(cifar10_small, tmp_path):
+    args = small_cifar(cifar10_small, optimizer="sgd", learning_rate=1e9, warmup_steps=0, lr_schedule="cosine",
+                       num_train_steps=20, checkpoint_every_steps=1000, log_every_steps=10)  # fmt: skip
+    code, _, err = run_main([*args, f"--workdir={tmp_path / 'run'}"])
+    assert code == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss or gradient at step "), last
+    assert "no checkpoint was written yet" in last and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_changed_batch_size_warns_once_and_resumes(cifar10_small, trained, tmp_path):
+    workdir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained), str(workdir)], check=True)
+    code, _, err = run_main([*small_cifar(cifar10_small, batch_size=64, num_train_steps=3), f"--workdir={workdir}"])
+    assert code == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "changed config keys" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("changed config keys: batch_size, num_train_steps.")
+    assert "Resuming from the checkpoint of step 2." in err
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == 64
+
+
+def test_two_classes_evaluate_top1_without_top5(cifar10_small, tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            os.makedirs(data / split, exist_ok=True)
+            os.symlink(cifar10_small / split / label, data / split / label)
+    workdir = tmp_path / "run"
+    code, _, err = run_main([*small_cifar(data, eval_batch_size=40), f"--workdir={workdir}"])
+    assert code == 0, err[-3000:]
+    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in evals if r["kind"] == "eval"][-1]
+    assert "eval_top5" not in final and final["eval_count"] == 200  # 100 cats and 100 dogs
+    assert 0.0 <= final["eval_top1"] <= 1.0
+
+
+def test_start_up_is_quiet(tmp_path):
+    """Nothing from TensorFlow, absl or JAX's backend probing before our first line."""
+    code, out, err = run_main(["--config=configs/demo.py", "--config.num_train_steps=1", f"--workdir={tmp_path}"])
+    assert code == 0, err[-3000:]
+    first = (out + err).strip().splitlines()[0]
+    assert "main.py" in first and "JAX 0.10.2: process 0 of 1" in first, first
+    for noise in (
+        "oneDNN custom operations",
+        "absl::InitializeLog",
+        "libtpu",
+        "cpu_feature_guard",
+        "Constructing tf.data",
+    ):
+        assert noise not in out + err
