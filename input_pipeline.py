@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-DATASETS = ("imagenet2012", "cifar10", "image_folder", "demo")
+DATASETS = ("imagenet2012", "cifar10", "image_folder", "demo", "synthetic")
 AUGMENTATIONS = ("imagenet", "pad_crop_flip", "none")
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -601,6 +601,69 @@ class Data:
         )
 
 
+@dataclasses.dataclass
+class SyntheticData:
+    """Random images and labels of the model's size, no I/O: measures a node's training rate
+    through the real loop before a data set is there (dataset="synthetic").
+
+    ImageNet-sized (1,281,167 training images, so epoch-valued configs give
+    ImageNet's step counts); the images are standard normal (as if normalised),
+    two local batches cycled so the host does no work per step; evaluation is
+    one batch of the same kind.
+    """
+
+    info: DatasetInfo
+    local_batch: int
+    local_eval_batch: int
+    image_size: int
+    seed: int
+
+    @property
+    def train_count(self) -> int:
+        return self.info.num_train
+
+    @property
+    def num_eval_batches(self) -> int:
+        return 1
+
+    def _batch(self, rows: int, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, jax.process_index(), index])
+        shape = (rows, self.image_size, self.image_size, self.info.channels)
+        return {
+            "image": rng.standard_normal(shape, np.float32),
+            "label": rng.integers(0, self.info.num_classes, rows).astype(np.int32),
+        }
+
+    def train_batches(self, start_step: int) -> Iterator[dict]:
+        pool = [self._batch(self.local_batch, i) for i in range(2)]
+        step = start_step
+        while True:
+            yield pool[step % 2]
+            step += 1
+
+    def eval_batches(self) -> Iterator[dict]:
+        batch = self._batch(self.local_eval_batch, 2)  # not one of the two training batches
+        yield {**batch, "mask": np.ones(self.local_eval_batch, np.float32)}
+
+
+def synthetic(global_batch: int, global_eval_batch: int, image_size: int, num_classes: int, seed: int) -> SyntheticData:
+    """The synthetic data set of `create`, for this process."""
+    count = jax.process_count()
+    info = DatasetInfo(
+        name="synthetic",
+        num_classes=num_classes or 1000,
+        num_train=1_281_167,
+        num_eval=global_eval_batch,
+        train_split="train",
+        eval_split="validation",
+        channels=3,
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        filename_key=None,
+    )
+    return SyntheticData(info, global_batch // count, global_eval_batch // count, image_size, seed)
+
+
 def create(
     dataset: str,
     data_dir: str | None,
@@ -616,7 +679,8 @@ def create(
     cache: bool = False,
     normalize: str = "auto",
     flip: bool = True,
-) -> Data:
+    num_classes: int = 0,
+) -> Data | SyntheticData:
     """Opens a data set for this process.
 
     Args:
@@ -632,6 +696,7 @@ def create(
       cache: keep encoded training images in memory.
       normalize: a NORMALIZATIONS name or "auto" (see `normalization`).
       flip: random horizontal flips in the "pad_crop_flip" augmentation.
+      num_classes: the synthetic data set's class count (0: 1000); others have their own.
 
     Returns:
       A Data whose iterators yield this process's NumPy rows.
@@ -647,6 +712,8 @@ def create(
     ):
         if batch % parts:
             raise ValueError(f"{name}={batch} is not divisible by {parts} (data shards or processes).")
+    if dataset == "synthetic":
+        return synthetic(global_batch, global_eval_batch, image_size, num_classes, seed)
     normalization(normalize, dataset)  # a bad name fails before the data set is opened
     builder = get_builder(dataset, data_dir)
     info = dataset_info(builder, dataset, normalize)

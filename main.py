@@ -70,6 +70,9 @@ def _quiet_environment():
     """What TensorFlow and absl read at import: set before either is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO and oneDNN banners
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # oneDNN's OpenMP threads sleep between convolutions instead of spinning, so XLA's own
+    # threads have the cores for the elementwise work in between (read when libgomp loads).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _config_error_message(error: Exception) -> str:
@@ -210,6 +213,16 @@ def train_in(jax, config, workdir: str) -> int:
         summary["gflops_per_image"],
         3 * summary["gflops_per_image"],
     )
+    if train.conv_impl(config) == "onednn":
+        from models import onednn
+
+        logging.info(
+            "Convolutions: oneDNN %s on %s, %s, %d OpenMP thread(s) per device.",
+            onednn.version(),
+            onednn.isa(),
+            config.dtype,
+            onednn.threads_per_device(),
+        )
     try:
         _, result = train.train_and_evaluate(config, workdir, setup)
     except (train.TrainingError, input_pipeline.DataError) as e:

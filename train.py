@@ -8,6 +8,7 @@ compiled or written.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import input_pipeline
 import lars
 import models
 import optimizers
+from models import layers, onednn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METRICS_FILE = "metrics.jsonl"
@@ -137,10 +139,11 @@ def check_config(config) -> None:
         "lars_formula": lars.FORMULAS,
         "dtype": tuple(DTYPES),
         "dataset": input_pipeline.DATASETS,
+        "conv_impl": layers.CONV_IMPLS,
         "augment": input_pipeline.AUGMENTATIONS,
     }
     for key, allowed in choices.items():
-        if config[key] not in allowed:
+        if config.get(key, allowed[0]) not in allowed:
             raise ValueError(f"Unknown {key} {config[key]!r}; choose from {allowed}.")
     if config.model not in models.REGISTRY:
         raise ValueError(f"Unknown model {config.model!r}; choose from {sorted(models.REGISTRY)}.")
@@ -154,8 +157,26 @@ def check_config(config) -> None:
 def create_model(config, num_classes: int, group_size: int | None):
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("bn_group_size", group_size)
-    kwargs.setdefault("fast_conv", config.get("fast_conv", True))
+    # Workdirs from before conv_impl ran XLA's formulation ("fast_conv").
+    kwargs.setdefault("conv_impl", conv_impl(config))
     return models.create(config.model, num_classes, dtype=DTYPES[config.dtype], **kwargs)
+
+
+def conv_impl(config) -> str:
+    """The config's convolution implementation on this backend; raises ValueError if
+    oneDNN is asked for and its extension is not built."""
+    impl = layers.conv_impl_for_backend(config.get("conv_impl", "xla"), jax.default_backend())
+    if impl == "onednn":
+        try:
+            onednn.library()
+        except onednn.NotBuilt as e:
+            raise ValueError(f"conv_impl='onednn': {e} Or choose --config.conv_impl=xla.") from None
+        if config.dtype == "bfloat16" and not onednn.bfloat16_supported():
+            raise ValueError(
+                f"dtype='bfloat16' with conv_impl='onednn' needs oneDNN's bfloat16 convolutions (AVX512-BF16 or "
+                f"AMX); this CPU has {onednn.isa()}. Use --config.conv_impl=xla or float32."
+            )
+    return impl
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -434,6 +455,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         cache=config.cache,
         normalize=config.normalization,
         flip=config.random_flip,
+        num_classes=config.num_classes,
     )
     num_classes = config.num_classes or data.info.num_classes
     if num_classes != data.info.num_classes:
@@ -479,12 +501,24 @@ def _setup(config, layout, num_classes: int, num_train: int, channels: int, imag
     )
 
 
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """fn traced with `mesh` as the abstract mesh, so that layers which run per
+    device (the oneDNN convolutions) can shard_map over its "data" axis."""
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_train_step(setup: Setup):
     """The jitted train step of the training loop: (state, batch, key) -> (state, metrics); donates the state."""
     step = make_train_step(
         setup.model, setup.optimizer, setup.schedule, setup.config, setup.num_classes, setup.mesh, setup.num_micro
     )
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(on_mesh(step, setup.mesh), donate_argnums=0)
 
 
 def init_state(setup: Setup) -> TrainState:
@@ -594,7 +628,7 @@ def step_gradient(setup: Setup, state: TrainState, batch: dict):
     fn = make_grad_fn(setup.model, setup.config, setup.num_classes, setup.mesh, setup.num_micro)
     sharding = NamedSharding(setup.mesh, P("data"))
     key = jax.random.key(setup.config.seed + 1)
-    return jax.jit(fn)(state, input_pipeline.to_global(batch, sharding), key)[0]
+    return jax.jit(on_mesh(fn, setup.mesh))(state, input_pipeline.to_global(batch, sharding), key)[0]
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState):
@@ -713,7 +747,7 @@ def train_and_evaluate(
     _log_layout(setup)
 
     train_step = jit_train_step(setup)
-    eval_step = jax.jit(make_eval_step(setup.model, setup.num_classes))
+    eval_step = jax.jit(on_mesh(make_eval_step(setup.model, setup.num_classes), setup.mesh))
     dropout_key = jax.random.key(config.seed + 1)  # `step_gradient` uses the same key
     finite = FiniteCheck()
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,24 +32,12 @@ import time
 
 import numpy as np
 
+from bench.machine import cpu_description
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GRADIENTS = {"cifar_resnet20": 272_474, "resnet50": 25_557_032, "alexnet_bn": 62_379_720}
 SWEEP = [4**k for k in range(3, 14)]  # 64 .. 67M float32 values (256 B .. 256 MiB)
 PORT = 23457
-
-
-def cpu_description() -> str:
-    """CPU model and the vector flags that matter here."""
-    model, flags = platform.processor(), set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags)}"
 
 
 def worker(coordinator: str, num_processes: int, process_id: int, repeats: int):

@@ -1,37 +1,84 @@
-"""Training-step images/s: our jitted step against PyTorch CPU eager on the same networks.
+"""Training-step images/s: our jitted step (oneDNN and XLA convolutions, float32 and bfloat16)
+against PyTorch CPU eager (float32 and bfloat16 autocast) on the same networks.
 
     .venv/bin/pip install -r bench/requirements.txt   # torch, CPU build
-    python -m bench.bench_step            # 3 models x 2 batch sizes, ~15 min on 2 cores
-    python -m bench.bench_step --quick    # 1 batch size per model, fewer steps, ~5 min
+    python -m bench.bench_step            # 3 models x 2 batch sizes
+    python -m bench.bench_step --quick    # 1 batch size per model, 3 timed steps
 
 Ours is the training loop's own step (train.prepare_model + train.jit_train_step
 from the model's configs/ file: forward, backward, LARS, metrics, non-finite
-guard), once with the default convolution formulation (fast_conv, see
-models/layers.conv2d), once with plain lax convolutions, and once with one XLA
-CPU device per core (main.py --num_cpu_devices; the batch split over them). The peer is
-bench/torch_models.py (same layer shapes and parameter counts) in channels_last
-with a foreach LARS, torch using every core. Each cell runs in its own process;
-the figure is the best of `--steps` timed steps after one warm-up step. The
-matmul peak is the faster of numpy's and XLA's 2048^3 float32 matmul; "% peak" is
-3 x forward FLOPs per image (XLA's count) x our best images/s over that peak.
+guard) with conv_impl "onednn" in float32 and bfloat16 (where oneDNN has
+bfloat16 convolutions on this CPU: AVX512-BF16 or AMX) and "xla" (XLA:CPU's
+own kernels) in float32; and, end to end, `main.py --config.dataset=synthetic`
+(the real loop: data iterator, logging, no I/O), img/s over its last logged
+steps. The peer is bench/torch_models.py (same layer shapes and parameter
+counts) in channels_last with a foreach LARS, torch using every core, in
+float32 and under torch.autocast("cpu", bfloat16). Each measurement runs in a
+fresh process; the figure is the best of `--steps` timed steps after one
+warm-up step. "% peak" is 3 x forward FLOPs per image (XLA's count of the
+lax formulation) x our float32 images/s over the matmul peak (bench/machine.py).
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
-# (model, configs/ module, input size, classes, batch sizes, quick batch)
+from bench.machine import cpu_description, matmul_peak
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    config: str  # configs/ module
+    size: int
+    classes: int
+    batches: tuple[int, ...]
+    quick_batch: int
+
+
 MODELS = [
-    ("resnet50", "resnet50_lars", 224, 1000, (16, 32), 16),
-    ("alexnet_bn", "alexnet_lars", 227, 1000, (64, 128), 64),
-    ("cifar_resnet20", "cifar10_lars", 32, 10, (128, 256), 256),
+    Model("resnet50", "resnet50_lars", 224, 1000, (16, 32), 16),
+    Model("alexnet_bn", "alexnet_lars", 227, 1000, (64, 128), 64),
+    Model("cifar_resnet20", "cifar10_lars", 32, 10, (128, 256), 256),
 ]
 
 
-def time_ours(config_name: str, batch: int, fast_conv: bool, steps: int, num_classes: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One measurement: `who` is "ours", "torch" or "end_to_end"."""
+
+    who: str
+    model: str
+    batch: int
+    steps: int
+    conv_impl: str = "onednn"
+    dtype: str = "float32"
+    devices: int = 1
+
+
+def model(name: str) -> Model:
+    return next(m for m in MODELS if m.name == name)
+
+
+def measure(cell: Cell) -> float:
+    """Seconds per training step of `cell`, measured in a fresh process (nothing cached between cells)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={cell.devices}")
+    command = [sys.executable, "-m", "bench.bench_step", "--cell", json.dumps(dataclasses.asdict(cell))]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode:
+        raise RuntimeError(f"{cell} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def time_ours(cell: Cell) -> float:
     import importlib
 
     import jax
@@ -39,130 +86,128 @@ def time_ours(config_name: str, batch: int, fast_conv: bool, steps: int, num_cla
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    import models
     import train
 
-    config = importlib.import_module(f"configs.{config_name}").get_config()
-    config.batch_size, config.eval_batch_size, config.fast_conv = batch, batch, fast_conv
-    setup = train.prepare_model(config, num_classes, num_train=1_281_167)
-    state = train.init_state(setup)
-    step = train.jit_train_step(setup)
-    size = setup.image_size
+    spec = model(cell.model)
+    config = importlib.import_module(f"configs.{spec.config}").get_config()
+    config.update(batch_size=cell.batch, eval_batch_size=cell.batch, conv_impl=cell.conv_impl, dtype=cell.dtype)
+    setup = train.prepare_model(config, spec.classes, num_train=1_281_167)
+    state, step = train.init_state(setup), train.jit_train_step(setup)
     sharding = NamedSharding(setup.mesh, P("data"))
     rng = np.random.default_rng(0)
-    batch_arrays = {
-        "image": jax.device_put(rng.standard_normal((batch, size, size, 3), np.float32), sharding),
-        "label": jax.device_put(rng.integers(0, num_classes, batch).astype(np.int32), sharding),
+    batch = {
+        "image": jax.device_put(rng.standard_normal((cell.batch, spec.size, spec.size, 3), np.float32), sharding),
+        "label": jax.device_put(rng.integers(0, spec.classes, cell.batch).astype(np.int32), sharding),
     }
     key = jax.random.key(0)
-    start = time.perf_counter()
-    state, metrics = step(state, batch_arrays, key)
-    jax.block_until_ready(metrics["loss"])
-    compile_s = time.perf_counter() - start
     times = []
-    for _ in range(steps):
+    for _ in range(cell.steps + 1):
         start = time.perf_counter()
-        state, metrics = step(state, batch_arrays, key)
+        state, metrics = step(state, batch, key)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
-    flops = models.flops_per_image(setup.model, (1, size, size, 3))
-    return {"seconds": min(times), "compile_s": compile_s, "flops_per_image": flops}
+    return min(times[1:])
 
 
-def time_torch(name: str, batch: int, steps: int, num_classes: int, size: int) -> dict:
+def time_torch(cell: Cell) -> float:
+    import contextlib
+
     import torch
 
     from bench import torch_models
 
-    torch.set_num_threads(os.cpu_count())
-    model = torch_models.create(name, num_classes).to(memory_format=torch.channels_last)
-    optimizer = torch_models.LARS(model.parameters(), lr=0.1)
-    images = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch,))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    step()
+    spec = model(cell.model)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    net = torch_models.create(spec.name, spec.classes).to(memory_format=torch.channels_last)
+    optimizer = torch_models.LARS(net.parameters(), lr=0.1)
+    images = torch.randn(cell.batch, 3, spec.size, spec.size).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, spec.classes, (cell.batch,))
+    bf16 = cell.dtype == "bfloat16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
-    for _ in range(steps):
+    for _ in range(cell.steps + 1):
         start = time.perf_counter()
-        step()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(net(images), labels)
+        loss.backward()
+        optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times)}
+    return min(times[1:])
 
 
-def matmul_peak() -> float:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+def time_end_to_end(cell: Cell) -> float:
+    """main.py on the synthetic data set: the median step time of its logged steps after the first two logs."""
+    spec = model(cell.model)
+    steps = max(cell.steps, 3) * 3
+    with tempfile.TemporaryDirectory() as workdir:
+        overrides = dict(dataset="synthetic", batch_size=cell.batch, eval_batch_size=cell.batch, num_train_steps=steps,
+                         log_every_steps=max(steps // 6, 1), checkpoint_every_steps=10**9, eval_every_steps=10**9,
+                         conv_impl=cell.conv_impl, dtype=cell.dtype)  # fmt: skip
+        command = [sys.executable, "main.py", f"--config=configs/{spec.config}.py", f"--workdir={workdir}/run"]
+        command += [f"--config.{k}={v}" for k, v in overrides.items()]
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        records = [json.loads(line) for line in open(f"{workdir}/run/metrics.jsonl")]
+    times = sorted(r["step_time"] for r in records if r["kind"] == "train")[: max(len(records) - 2, 1)]
+    return times[len(times) // 2]
 
-    n = 2048
-    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    best = {}
-    for name, fn, arg in [("numpy", lambda x: x @ x, a), ("xla", jax.jit(lambda x: x @ x), jnp.asarray(a))]:
-        jax.block_until_ready(fn(arg))
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(arg))
-            times.append(time.perf_counter() - start)
-        best[name] = 2 * n**3 / min(times)
-    return max(best.values())
 
-
-def run_cell(args: list[str], devices: int = 1) -> dict:
-    """One measurement in a fresh process (no compile caches or memory shared between cells)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    command = [sys.executable, "-m", "bench.bench_step", "--cell", *args]
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"cell {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_cell(cell: Cell) -> float:
+    if cell.who == "ours":
+        return time_ours(cell)
+    if cell.who == "torch":
+        return time_torch(cell)
+    return time_end_to_end(cell)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one batch size per model, 3 timed steps")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per cell (default 5, quick 3)")
-    parser.add_argument("--cell", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default=",".join(m.name for m in MODELS))
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
-        kind, name, config_name, batch, steps, classes, size = args.cell
-        batch, steps, classes, size = int(batch), int(steps), int(classes), int(size)
-        if kind == "torch":
-            result = time_torch(name, batch, steps, classes, size)
-        elif kind == "peak":
-            result = {"flops": matmul_peak()}
-        else:
-            result = time_ours(config_name, batch, kind == "fast", steps, classes)
-        print(json.dumps(result))
+        print(json.dumps({"seconds": run_cell(Cell(**json.loads(args.cell)))}))
         return
 
+    import models
+    import train
+
     steps = args.steps or (3 if args.quick else 5)
-    peak = run_cell(["peak", "-", "-", "0", "0", "0", "0"])["flops"]
-    print(f"{os.cpu_count()} cores, matmul peak {peak / 1e9:.0f} GFLOP/s; best of {steps} steps", flush=True)
-    cores = os.cpu_count()
-    print(
-        f"| model | batch | ours img/s | ours, plain convs | ours, {cores} devices | PyTorch img/s "
-        f"| ours/PyTorch | {cores} devices/PyTorch | % of matmul peak |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    for name, config_name, size, classes, batches, quick_batch in MODELS:
-        for batch in (quick_batch,) if args.quick else batches:
-            common = [name, config_name, str(batch), str(steps), str(classes), str(size)]
-            fast = run_cell(["fast", *common])
-            plain = run_cell(["plain", *common])
-            per_core = run_cell(["fast", *common], devices=cores)
-            peer = run_cell(["torch", *common])
-            ours, torch_rate = batch / fast["seconds"], batch / peer["seconds"]
-            ours_per_core = batch / per_core["seconds"]
-            percent = 100 * 3 * fast["flops_per_image"] * max(ours, ours_per_core) / peak
+    peak = matmul_peak()
+    from models import onednn
+
+    bf16 = onednn.bfloat16_supported()
+    print(f"{cpu_description()}; matmul peak {peak / 1e9:.0f} GFLOP/s; best of {steps} steps", flush=True)
+    if not bf16:
+        print("oneDNN has no bfloat16 convolutions on this CPU (needs AVX512-BF16 or AMX): bf16 columns n/a.")
+    print("| model | batch | ours oneDNN f32 | ours oneDNN bf16 | ours XLA f32 | end to end (synthetic) "
+          "| PyTorch f32 | PyTorch bf16 autocast | f32: ours/PyTorch | bf16: ours/PyTorch | % of peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for spec in (m for m in MODELS if m.name in args.models.split(",")):
+        config = __import__(f"configs.{spec.config}", fromlist=["x"]).get_config()
+        config.conv_impl = "lax"
+        flops = models.flops_per_image(train.create_model(config, spec.classes, None), (1, spec.size, spec.size, 3))
+        for batch in (spec.quick_batch,) if args.quick else spec.batches:
+
+            def rate(batch=batch, spec=spec, **kw) -> float:
+                return batch / measure(Cell(model=spec.name, batch=batch, steps=steps, **kw))
+
+            ours = rate(who="ours")
+            ours_bf16 = rate(who="ours", dtype="bfloat16") if bf16 else None
+            xla = rate(who="ours", conv_impl="xla")
+            end_to_end = rate(who="end_to_end")
+            torch_f32, torch_bf16 = rate(who="torch"), rate(who="torch", dtype="bfloat16")
+            bf16_cells = (f"{ours_bf16:.2f}", f"{ours_bf16 / torch_bf16:.2f}") if bf16 else ("n/a", "n/a")
             print(
-                f"| {name} ({size}) | {batch} | {ours:.2f} | {batch / plain['seconds']:.2f} | {ours_per_core:.2f} "
-                f"| {torch_rate:.2f} | {ours / torch_rate:.2f} | {ours_per_core / torch_rate:.2f} | {percent:.0f}% |",
+                f"| {spec.name} ({spec.size}) | {batch} | {ours:.2f} | {bf16_cells[0]} | {xla:.2f} | {end_to_end:.2f} "
+                f"| {torch_f32:.2f} | {torch_bf16:.2f} | {ours / torch_f32:.2f} | {bf16_cells[1]} "
+                f"| {100 * 3 * flops * ours / peak:.0f}% |",
                 flush=True,
             )
 

@@ -20,10 +20,12 @@ def get_config():
     # of each micro-batch, what the paper's workers did), "global" (the whole
     # micro-batch over all devices), or a number N (ghost batches of N).
     config.bn_group = "device"
-    # Convolutions formulated for XLA:CPU (1x1 as dots, materialized inputs and
-    # outputs; models.layers.conv2d): same values and gradients, 1.7-2x faster
-    # steps here (bench/RESULTS.md). False = plain lax.conv_general_dilated.
-    config.fast_conv = True
+    # How convolutions are computed (models.layers.conv2d; same values and
+    # gradients): "onednn" (oneDNN's primitives through the XLA FFI, CPU only;
+    # `make build` compiles them), "xla" (formulated for XLA:CPU's own kernels:
+    # 1x1 as dots, materialized inputs and outputs) or "lax" (plain
+    # lax.conv_general_dilated). Other backends than CPU use "lax".
+    config.conv_impl = "onednn"
 
     # Data (input_pipeline.DATASETS). data_dir "" = TFDS's default.
     config.dataset = "imagenet2012"

@@ -48,7 +48,7 @@ class AlexNet(nn.Module):
       fc_features: width of the two hidden dense layers.
       dropout_rate: dropout after each hidden dense layer.
       bn_group_size: see models.layers.BatchNorm.
-      fast_conv: convolutions formulated for XLA:CPU (models.layers.conv2d).
+      conv_impl: how convolutions are computed, see models.layers.conv2d.
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -59,7 +59,7 @@ class AlexNet(nn.Module):
     fc_features: int = 4096
     dropout_rate: float = 0.5
     bn_group_size: int | None = None
-    fast_conv: bool = True
+    conv_impl: str = "onednn"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -73,7 +73,7 @@ class AlexNet(nn.Module):
                 (stride, stride),
                 padding=padding,
                 use_bias=not use_bn,
-                fast=self.fast_conv,
+                impl=self.conv_impl,
                 dtype=self.dtype,
                 name=f"conv{i + 1}",
             )(x)

@@ -42,15 +42,16 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
+        stats_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 in tests
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            y = (x.astype(jnp.float32) - mean) * lax.rsqrt(var + self.epsilon)
+            y = (x.astype(stats_dtype) - mean) * lax.rsqrt(var + self.epsilon)
         else:
             batch = x.shape[0]
             group = batch if self.group_size is None else self.group_size
             if batch % group:
                 raise ValueError(f"BatchNorm group size {group} does not divide the batch of {batch}.")
-            grouped = x.astype(jnp.float32).reshape((batch // group, group) + x.shape[1:])
+            grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
             axes = tuple(range(1, grouped.ndim - 1))
             mean = jnp.mean(grouped, axis=axes, keepdims=True)
             var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
@@ -89,7 +90,7 @@ def count_params(params) -> int:
 
 
 # --------------------------------------------------------------------------
-# Convolution, formulated for XLA:CPU.
+# Convolution: oneDNN, or formulated for XLA:CPU, or plain lax.
 # --------------------------------------------------------------------------
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -120,17 +121,43 @@ def materialize(x, poison):
     return lax.cond(poison, lambda v: jnp.full_like(v, jnp.nan), lambda v: v, x)
 
 
-def conv2d(x, kernel, strides: tuple[int, int], padding, fast: bool = True):
-    """NHWC x HWIO convolution.
+CONV_IMPLS = ("onednn", "xla", "lax")
 
-    fast=False is lax.conv_general_dilated as it stands. fast=True gives the
-    same values and gradients, formulated for XLA:CPU: 1x1 convolutions are
-    plain dots (2-3x faster than XLA's convolution in both directions, see
-    bench/RESULTS.md), and the input and output are materialized so the
-    weight-gradient transposes read stored tensors (see `materialize`; on the
-    backward pass this materializes the gradient arriving at the output).
+
+def conv_impl_for_backend(impl: str, backend: str) -> str:
+    """The implementation a model uses on `backend`: oneDNN runs on CPU only, elsewhere plain lax."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"Unknown conv_impl {impl!r}; choose from {CONV_IMPLS}.")
+    return impl if backend == "cpu" or impl == "lax" else "lax"
+
+
+def conv2d(x, kernel, strides: tuple[int, int], padding, impl: str = "onednn"):
+    """NHWC x HWIO convolution; the three implementations give the same values and gradients.
+
+    "onednn": oneDNN's forward, backward-data and backward-weights primitives
+    through the XLA FFI (models/onednn.py; CPU only). "xla": formulated for
+    XLA:CPU's own kernels: 1x1 convolutions are plain dots (2-3x faster than
+    XLA's convolution in both directions), and the input and output are
+    materialized so the weight-gradient transposes read stored tensors (see
+    `materialize`; on the backward pass this materializes the gradient
+    arriving at the output). "lax": lax.conv_general_dilated as it stands.
+
+    Args:
+      x: [N, H, W, C] in the compute dtype.
+      kernel: [KH, KW, C, O]: float32 parameters (onednn casts them itself and
+        returns a float32 gradient), or already in x's dtype.
+      strides: (height, width).
+      padding: ((top, bottom), (left, right)) or "VALID".
+      impl: "onednn", "xla" or "lax".
     """
-    if not fast:
+    if padding == "VALID":
+        padding = ((0, 0), (0, 0))
+    if impl == "onednn":
+        from models import onednn
+
+        return onednn.conv2d(x, kernel, tuple(strides), tuple(p for pair in padding for p in pair))
+    kernel = kernel.astype(x.dtype)
+    if impl == "lax":
         return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
     nan_kernel = jnp.isnan(kernel.reshape(-1)[0])
     x = materialize(x, nan_kernel)
@@ -154,7 +181,7 @@ class Conv(nn.Module):
       strides: (height, width).
       padding: "SAME", "VALID", an int (both sides of both dims) or ((top, bottom), (left, right)).
       use_bias: add a bias.
-      fast: the XLA:CPU formulation of `conv2d` (same values and gradients).
+      impl: "onednn", "xla" or "lax", see `conv2d` (same values and gradients).
       dtype: compute dtype; the parameters stay float32.
     """
 
@@ -163,7 +190,7 @@ class Conv(nn.Module):
     strides: Sequence[int] = (1, 1)
     padding: Any = "SAME"
     use_bias: bool = True
-    fast: bool = True
+    impl: str = "onednn"
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
@@ -177,7 +204,7 @@ class Conv(nn.Module):
             padding = ((padding, padding), (padding, padding))
         elif padding == "SAME":
             padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), tuple(self.strides), "SAME")
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), padding, self.fast)
+        y = conv2d(x.astype(self.dtype), kernel, tuple(self.strides), padding, self.impl)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
         return y

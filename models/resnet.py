@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from models.layers import BatchNorm, Conv
 
 
-def conv(features, kernel, strides=1, *, use_bias, fast, dtype, name=None):
+def conv(features, kernel, strides=1, *, use_bias, impl, dtype, name=None):
     """A same-padded convolution with He (fan-out) initialisation."""
     return Conv(
         features,
@@ -26,7 +26,7 @@ def conv(features, kernel, strides=1, *, use_bias, fast, dtype, name=None):
         (strides, strides),
         padding=[(kernel // 2, kernel // 2)] * 2,
         use_bias=use_bias,
-        fast=fast,
+        impl=impl,
         dtype=dtype,
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
         name=name,
@@ -41,12 +41,12 @@ class _Blocks(nn.Module):
     zero_init_last_bn: bool = False
     bn_group_size: int | None = None
     use_bn: bool = True
-    fast_conv: bool = True
+    conv_impl: str = "onednn"
     dtype: Any = jnp.float32
 
     def conv(self, features, kernel, strides=1, name=None):
         return conv(
-            features, kernel, strides, use_bias=not self.use_bn, fast=self.fast_conv, dtype=self.dtype, name=name
+            features, kernel, strides, use_bias=not self.use_bn, impl=self.conv_impl, dtype=self.dtype, name=name
         )
 
     def norm(self, x, train, last=False, name=None):
@@ -106,8 +106,8 @@ class ResNet(nn.Module):
       use_bn: False gives a normalisation-free network (biases on the convs),
         used where results must not depend on how the batch is split.
       bn_group_size: see models.layers.BatchNorm.
-      fast_conv: convolutions formulated for XLA:CPU (models.layers.conv2d);
-        same values and gradients as the plain lax convolution.
+      conv_impl: how convolutions are computed, see models.layers.conv2d
+        ("onednn", "xla" or "lax"; same values and gradients).
       dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     """
 
@@ -120,19 +120,19 @@ class ResNet(nn.Module):
     zero_init_last_bn: bool = False
     use_bn: bool = True
     bn_group_size: int | None = None
-    fast_conv: bool = True
+    conv_impl: str = "onednn"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        common = dict(bn_group_size=self.bn_group_size, use_bn=self.use_bn, fast_conv=self.fast_conv, dtype=self.dtype)
+        common = dict(bn_group_size=self.bn_group_size, use_bn=self.use_bn, conv_impl=self.conv_impl, dtype=self.dtype)
         kernel, strides = (7, 2) if self.imagenet_stem else (3, 1)
         stem = conv(
             self.width,
             kernel,
             strides,
             use_bias=not self.use_bn,
-            fast=self.fast_conv,
+            impl=self.conv_impl,
             dtype=self.dtype,
             name="stem_conv",
         )

@@ -31,7 +31,6 @@ References:
 import argparse
 import csv
 import json
-import os
 import pathlib
 
 import matplotlib
@@ -162,17 +161,14 @@ def plot(measured: dict, here_peak: float, latency: float, bandwidth: float, pat
 
 
 def measure() -> tuple[dict, float]:
-    """Times our train step here (one XLA device per core, the batches of PAPER's networks) and the matmul peak."""
-    from bench import bench_step
+    """Our train step's images/s here (bench.bench_step, each network's larger batch) and the matmul peak."""
+    from bench import bench_step, machine
 
-    peak = bench_step.run_cell(["peak", "-", "-", "0", "0", "0", "0"])["flops"]
     rates = {}
-    for name, config_name, size, classes, batches, _ in bench_step.MODELS:
-        if name in MEASURED:
-            batch = batches[-1]
-            cell = ["fast", name, config_name, str(batch), "3", str(classes), str(size)]
-            rates[name] = batch / bench_step.run_cell(cell, devices=os.cpu_count())["seconds"]
-    return rates, peak
+    for name in MEASURED:
+        batch = bench_step.model(name).batches[-1]
+        rates[name] = batch / bench_step.measure(bench_step.Cell("ours", name, batch, steps=3))
+    return rates, machine.matmul_peak()
 
 
 def main(argv=None):

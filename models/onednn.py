@@ -1,0 +1,191 @@
+"""oneDNN convolutions under JAX on CPU: csrc/onednn_conv.cc's FFI handlers, their VJP, their sharding.
+
+`conv2d(x, kernel, strides, pads)` computes lax.conv_general_dilated's NHWC x
+HWIO convolution with oneDNN 3.2 (the library under PyTorch's and Intel
+Caffe's CPU convolutions): forward, backward-data and backward-weights are one
+FFI handler each, and a custom_vjp makes gradients use the backward
+primitives. Under a mesh whose "data" axis shards the batch (train.py's), each
+device runs oneDNN on its own shard through shard_map, and the weight
+gradient is summed over the axis (XLA combines these sums with the rest of
+the step's gradient all-reduce).
+
+Compute may be bfloat16 (AMX or AVX512-BF16 kernels where the CPU has them):
+the kernel stays float32 outside, is cast for the forward and backward-data
+primitives, and its gradient comes back in float32 from oneDNN's
+accumulation.
+
+The extension is built by `make build` (the README's set-up commands run it);
+`library()` raises NotBuilt with that command when it is missing.
+"""
+
+import ctypes
+import functools
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LIBRARY = REPO / "build" / "liblargebatch_onednn.so"
+BUILD_COMMAND = "make build"
+TARGETS = ("lb_conv_forward", "lb_conv_backward_data", "lb_conv_backward_weights")
+BATCH_AXIS = "data"  # the mesh axis train.py shards the batch over
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+class NotBuilt(RuntimeError):
+    """The C++ extension is missing (or does not load)."""
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The extension, loaded once, its FFI targets registered with XLA's CPU backend."""
+    if not LIBRARY.exists():
+        raise NotBuilt(f"the oneDNN extension {LIBRARY} is not built; run `{BUILD_COMMAND}` (needs g++).")
+    # Sleeping OpenMP threads between calls leave XLA's threads the cores (main.py sets it too;
+    # libgomp reads it once, when it is first loaded).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError as e:
+        raise NotBuilt(f"the oneDNN extension does not load ({e}); rebuild it with `{BUILD_COMMAND}`.") from None
+    for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    lib.lb_onednn_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def isa() -> str:
+    """The instruction set oneDNN dispatches to here, e.g. "AVX2" or "AVX-512 + AMX (BF16/INT8)"."""
+    return library().lb_onednn_isa().decode()
+
+
+def version() -> str:
+    v = library().lb_onednn_version()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+@functools.cache
+def bfloat16_supported() -> bool:
+    """Whether oneDNN has bfloat16 convolutions on this CPU (AVX512-BF16 or AMX; not AVX2 alone)."""
+    x, kernel = jnp.ones((1, 4, 4, 8), jnp.bfloat16), jnp.ones((3, 3, 8, 8), jnp.float32)
+    try:
+        jax.block_until_ready(conv2d(x, kernel, (1, 1), (1, 1, 1, 1)))
+        return True
+    except jax.errors.JaxRuntimeError as e:
+        if "oneDNN has no convolution" not in str(e):
+            raise
+        return False
+
+
+def threads_per_device() -> int:
+    """OpenMP threads for one device's calls: this process's cores over its XLA devices,
+    so that devices running concurrently do not oversubscribe the cores."""
+    return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count())
+
+
+def _call(target: str, result: jax.ShapeDtypeStruct, a, b, strides, pads):
+    library()
+    return jax.ffi.ffi_call(target, result)(
+        a,
+        b,
+        strides=np.asarray(strides, np.int64),
+        pads=np.asarray(pads, np.int64),
+        threads=np.int64(threads_per_device()),
+    )
+
+
+def _output_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
+    (_, h, w, _), (kh, kw, _, _) = x_shape, kernel_shape
+    return (h + pads[0] + pads[1] - kh) // strides[0] + 1, (w + pads[2] + pads[3] - kw) // strides[1] + 1
+
+
+def _forward(x, kernel, strides, pads):
+    oh, ow = _output_hw(x.shape, kernel.shape, strides, pads)
+    result = jax.ShapeDtypeStruct((x.shape[0], oh, ow, kernel.shape[3]), x.dtype)
+    return _call("lb_conv_forward", result, x, kernel, strides, pads)
+
+
+def _backward_data(dy, kernel, x_shape, strides, pads):
+    result = jax.ShapeDtypeStruct((dy.shape[0],) + tuple(x_shape[1:]), dy.dtype)
+    return _call("lb_conv_backward_data", result, dy, kernel, strides, pads)
+
+
+def _backward_weights(x, dy, kernel_shape, strides, pads, sharded: bool):
+    result = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+    dw = _call("lb_conv_backward_weights", result, x, dy, strides, pads)
+    return jax.lax.psum(dw, BATCH_AXIS) if sharded else dw
+
+
+def _batch_mesh():
+    """The mesh whose "data" axis shards the batch, or None (one device, or no mesh set)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
+        return None
+    return mesh
+
+
+def _per_device(fn, batched: tuple, replicated: tuple, batched_output: bool):
+    """fn(*batched, *replicated) on each device's shard of the batch (or once, without a mesh)."""
+    mesh = _batch_mesh()
+    if mesh is None:
+        return fn(*batched, *replicated, sharded=False)
+    specs = (P(BATCH_AXIS),) * len(batched) + (P(),) * len(replicated)
+    out = P(BATCH_AXIS) if batched_output else P()
+    return jax.shard_map(functools.partial(fn, sharded=True), mesh=mesh, in_specs=specs, out_specs=out)(
+        *batched, *replicated
+    )
+
+
+def conv2d(x, kernel, strides: tuple[int, int], pads: tuple[int, int, int, int]):
+    """oneDNN's NHWC x HWIO convolution in x's dtype (float32 or bfloat16).
+
+    Args:
+      x: [N, H, W, C], float32 or bfloat16 (the compute dtype).
+      kernel: [KH, KW, C, O], float32 (cast to x's dtype for the primitives).
+      strides: (height, width).
+      pads: (top, bottom, left, right), as lax's explicit padding.
+
+    Returns:
+      [N, OH, OW, O] in x's dtype; its gradient with respect to the kernel is
+      float32 from oneDNN's accumulation.
+    """
+    (kh, kw), (sh, sw) = kernel.shape[:2], strides
+    if (kh, kw) == (1, 1) and pads == (0, 0, 0, 0):
+        # A strided 1x1 convolution reads every s-th pixel: take them, then one GEMM-shaped call.
+        return _conv2d(x[:, ::sh, ::sw, :], kernel, (1, 1), pads)
+    # Rows and columns past the last window are never read; oneDNN wants them gone.
+    oh, ow = _output_hw(x.shape, kernel.shape, strides, pads)
+    x = x[:, : (oh - 1) * sh + kh - pads[0], : (ow - 1) * sw + kw - pads[2], :]
+    pads = (pads[0], (oh - 1) * sh + kh - pads[0] - x.shape[1], pads[2], (ow - 1) * sw + kw - pads[2] - x.shape[2])
+    return _conv2d(x, kernel, strides, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x, kernel, strides, pads):
+    return _forward_rule(x, kernel, strides, pads)[0]
+
+
+def _forward_rule(x, kernel, strides, pads):
+    if x.dtype not in DTYPES:
+        raise TypeError(f"onednn conv2d computes in float32 or bfloat16, not {x.dtype}.")
+    weights = kernel.astype(x.dtype)
+    run = lambda x, w, sharded: _forward(x, w, strides, pads)  # noqa: E731
+    return _per_device(run, (x,), (weights,), batched_output=True), (x, kernel)
+
+
+def _backward_rule(strides, pads, residuals, dy):
+    x, kernel = residuals
+    dy = dy.astype(x.dtype)
+    weights = kernel.astype(x.dtype)
+    data = lambda dy, w, sharded: _backward_data(dy, w, x.shape, strides, pads)  # noqa: E731
+    dx = _per_device(data, (dy,), (weights,), batched_output=True)
+    grads = lambda x, dy, sharded: _backward_weights(x, dy, kernel.shape, strides, pads, sharded)  # noqa: E731
+    dw = _per_device(grads, (x, dy), (), batched_output=False)
+    return dx, dw.astype(kernel.dtype)
+
+
+_conv2d.defvjp(_forward_rule, _backward_rule)
