@@ -26,9 +26,13 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using largebatch::Engine;
+using largebatch::scratchpad_buffer;
+using largebatch::weights_buffer;
 
 namespace {
 
@@ -47,32 +51,6 @@ struct Shape {
     return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int>(dtype));
   }
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-// A growing, 64-byte aligned buffer; one per thread and purpose.
-class Scratch {
- public:
-  void* Get(size_t bytes) {
-    if (bytes > size_) {
-      data_.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-      size_ = bytes;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  std::unique_ptr<char, Free> data_;
-  size_t size_ = 0;
-};
-
-thread_local Scratch scratchpad_buffer, weights_buffer;
 
 // Everything one (kind, shape) needs, built once.
 struct Plan {

@@ -79,7 +79,11 @@ class AlexNet(nn.Module):
             )(x)
             if use_bn:
                 x = BatchNorm(
-                    use_running_average=not train, group_size=self.bn_group_size, dtype=self.dtype, name=f"bn{i + 1}"
+                    use_running_average=not train,
+                    group_size=self.bn_group_size,
+                    dtype=self.dtype,
+                    impl=self.conv_impl,
+                    name=f"bn{i + 1}",
                 )(x)
             x = nn.relu(x)
             if not use_bn and i < 2:

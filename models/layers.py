@@ -24,6 +24,10 @@ class BatchNorm(nn.Module):
 
     Parameters are named like flax.linen.BatchNorm's (scale, bias; batch_stats
     mean, var), statistics are computed in float32 whatever the compute dtype.
+    With impl="onednn" the training-mode statistics, normalisation and their
+    gradient are oneDNN's primitives (models/onednn.py), where each group lies
+    within one device's shard; elsewhere (global statistics over several
+    devices, float64) the formulation below.
     """
 
     use_running_average: bool | None = None
@@ -32,6 +36,7 @@ class BatchNorm(nn.Module):
     group_size: int | None = None
     dtype: Any = jnp.float32
     scale_init: Any = nn.initializers.ones
+    impl: str = "xla"  # "onednn": oneDNN's primitives in training mode, where they apply
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None):
@@ -46,6 +51,8 @@ class BatchNorm(nn.Module):
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x.astype(stats_dtype) - mean) * lax.rsqrt(var + self.epsilon)
+        elif (done := self._onednn(x, scale, bias, ra_mean, ra_var)) is not None:
+            return done
         else:
             batch = x.shape[0]
             group = batch if self.group_size is None else self.group_size
@@ -64,6 +71,23 @@ class BatchNorm(nn.Module):
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * group_mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * group_var
         return (y * scale + bias).astype(self.dtype)
+
+    def _onednn(self, x, scale, bias, ra_mean, ra_var):
+        """The training-mode output through oneDNN, or None where it does not apply."""
+        if self.impl != "onednn" or self.is_initializing():
+            return None
+        from models import onednn
+
+        if x.shape[0] % (self.group_size or 1):
+            raise ValueError(f"BatchNorm group size {self.group_size} does not divide the batch of {x.shape[0]}.")
+        done = onednn.batch_norm(x.astype(self.dtype), scale, bias, self.group_size, self.epsilon)
+        if done is None:
+            return None
+        y, mean, var = done
+        mean, var = lax.stop_gradient(jnp.mean(mean, axis=0)), lax.stop_gradient(jnp.mean(var, axis=0))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(self.dtype)
 
 
 def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):

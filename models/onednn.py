@@ -1,4 +1,4 @@
-"""oneDNN convolutions under JAX on CPU: csrc/onednn_conv.cc's FFI handlers, their VJP, their sharding.
+"""oneDNN convolutions and BatchNorm under JAX on CPU: csrc/'s FFI handlers, their VJPs, their sharding.
 
 `conv2d(x, kernel, strides, pads)` computes lax.conv_general_dilated's NHWC x
 HWIO convolution with oneDNN 3.2 (the library under PyTorch's and Intel
@@ -13,6 +13,10 @@ Compute may be bfloat16 (AMX or AVX512-BF16 kernels where the CPU has them):
 the kernel stays float32 outside, is cast for the forward and backward-data
 primitives, and its gradient comes back in float32 from oneDNN's
 accumulation.
+
+`batch_norm` is BatchNorm's training mode (statistics over groups of
+examples, as models.layers.BatchNorm) with oneDNN's forward and backward
+primitives, where each group lies within one device's shard.
 
 The extension is built by `make build` (the README's set-up commands run it);
 `library()` raises NotBuilt with that command when it is missing.
@@ -31,7 +35,13 @@ from jax.sharding import PartitionSpec as P
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "build" / "liblargebatch_onednn.so"
 BUILD_COMMAND = "make build"
-TARGETS = ("lb_conv_forward", "lb_conv_backward_data", "lb_conv_backward_weights")
+TARGETS = (
+    "lb_conv_forward",
+    "lb_conv_backward_data",
+    "lb_conv_backward_weights",
+    "lb_batch_norm_forward",
+    "lb_batch_norm_backward",
+)
 BATCH_AXIS = "data"  # the mesh axis train.py shards the batch over
 DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -128,14 +138,17 @@ def _batch_mesh():
     return mesh
 
 
-def _per_device(fn, batched: tuple, replicated: tuple, batched_output: bool):
-    """fn(*batched, *replicated) on each device's shard of the batch (or once, without a mesh)."""
+BATCHED, REPLICATED = P(BATCH_AXIS), P()
+
+
+def _per_device(fn, batched: tuple, replicated: tuple, out_specs):
+    """fn(*batched, *replicated, sharded=...) on each device's shard of the batch (or once, without a
+    mesh); out_specs says which outputs are batched (BATCHED) and which summed inside fn (REPLICATED)."""
     mesh = _batch_mesh()
     if mesh is None:
         return fn(*batched, *replicated, sharded=False)
-    specs = (P(BATCH_AXIS),) * len(batched) + (P(),) * len(replicated)
-    out = P(BATCH_AXIS) if batched_output else P()
-    return jax.shard_map(functools.partial(fn, sharded=True), mesh=mesh, in_specs=specs, out_specs=out)(
+    specs = (BATCHED,) * len(batched) + (REPLICATED,) * len(replicated)
+    return jax.shard_map(functools.partial(fn, sharded=True), mesh=mesh, in_specs=specs, out_specs=out_specs)(
         *batched, *replicated
     )
 
@@ -174,7 +187,7 @@ def _forward_rule(x, kernel, strides, pads):
         raise TypeError(f"onednn conv2d computes in float32 or bfloat16, not {x.dtype}.")
     weights = kernel.astype(x.dtype)
     run = lambda x, w, sharded: _forward(x, w, strides, pads)  # noqa: E731
-    return _per_device(run, (x,), (weights,), batched_output=True), (x, kernel)
+    return _per_device(run, (x,), (weights,), BATCHED), (x, kernel)
 
 
 def _backward_rule(strides, pads, residuals, dy):
@@ -182,10 +195,81 @@ def _backward_rule(strides, pads, residuals, dy):
     dy = dy.astype(x.dtype)
     weights = kernel.astype(x.dtype)
     data = lambda dy, w, sharded: _backward_data(dy, w, x.shape, strides, pads)  # noqa: E731
-    dx = _per_device(data, (dy,), (weights,), batched_output=True)
+    dx = _per_device(data, (dy,), (weights,), BATCHED)
     grads = lambda x, dy, sharded: _backward_weights(x, dy, kernel.shape, strides, pads, sharded)  # noqa: E731
-    dw = _per_device(grads, (x, dy), (), batched_output=False)
+    dw = _per_device(grads, (x, dy), (), REPLICATED)
     return dx, dw.astype(kernel.dtype)
 
 
 _conv2d.defvjp(_forward_rule, _backward_rule)
+
+
+# --------------------------------------------------------------------------
+# BatchNorm, training mode.
+# --------------------------------------------------------------------------
+
+
+def batch_norm(x, scale, shift, group_size: int | None, epsilon: float):
+    """Training-mode BatchNorm over groups of `group_size` consecutive examples (None: the whole batch).
+
+    Args:
+      x: [N, H, W, C], float32 or bfloat16.
+      scale, shift: [C] float32.
+      group_size: examples per group; each group must lie within one device's
+        shard of the batch.
+      epsilon: added to the variance.
+
+    Returns:
+      (y in x's dtype, mean [G, C], biased variance [G, C]) with G groups, or
+      None where oneDNN cannot do it here (statistics across devices, another
+      dtype): the caller computes it itself.
+    """
+    if x.ndim != 4 or x.dtype not in DTYPES:
+        return None
+    mesh = _batch_mesh()
+    devices = 1 if mesh is None else mesh.shape[BATCH_AXIS]
+    local = x.shape[0] // devices
+    group = local if group_size is None and devices == 1 else group_size
+    if group is None or local % group:
+        return None
+    return _batch_norm(x, scale, shift, group, float(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, shift, group, epsilon):
+    return _batch_norm_forward(x, scale, shift, group, epsilon)[0]
+
+
+def _batch_norm_call(target, results, group, epsilon, *operands):
+    library()
+    call = jax.ffi.ffi_call(target, results)
+    return call(*operands, group=np.int64(group), epsilon=np.float32(epsilon), threads=np.int64(threads_per_device()))
+
+
+def _batch_norm_forward(x, scale, shift, group, epsilon):
+    def run(x, scale, shift, sharded):
+        stats = jax.ShapeDtypeStruct((x.shape[0] // group, x.shape[-1]), jnp.float32)
+        results = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
+        return tuple(_batch_norm_call("lb_batch_norm_forward", results, group, epsilon, x, scale, shift))
+
+    y, mean, var = _per_device(run, (x,), (scale, shift), BATCHED)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_backward(group, epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    dy = cotangents[0].astype(x.dtype)  # mean and var only feed the running averages: no gradient
+
+    def run(x, dy, mean, var, scale, sharded):
+        channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+        results = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
+        operands = (x, dy, scale, mean, var)
+        dx, dscale, dshift = _batch_norm_call("lb_batch_norm_backward", results, group, epsilon, *operands)
+        if sharded:  # each device's share of the parameter gradients
+            dscale, dshift = jax.lax.psum((dscale, dshift), BATCH_AXIS)
+        return dx, dscale, dshift
+
+    return _per_device(run, (x, dy, mean, var), (scale,), (BATCHED, REPLICATED, REPLICATED))
+
+
+_batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)

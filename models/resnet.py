@@ -58,6 +58,7 @@ class _Blocks(nn.Module):
             group_size=self.bn_group_size,
             dtype=self.dtype,
             scale_init=scale_init,
+            impl=self.conv_impl,
             name=name,
         )(x)
 
@@ -139,7 +140,11 @@ class ResNet(nn.Module):
         x = stem(x.astype(self.dtype))
         if self.use_bn:
             x = BatchNorm(
-                use_running_average=not train, group_size=self.bn_group_size, dtype=self.dtype, name="stem_bn"
+                use_running_average=not train,
+                group_size=self.bn_group_size,
+                dtype=self.dtype,
+                impl=self.conv_impl,
+                name="stem_bn",
             )(x)
         x = nn.relu(x)
         if self.imagenet_stem:

@@ -1,4 +1,4 @@
-"""The convolution implementations of models.layers.conv2d ("onednn", "xla", "lax") against float64.
+"""The implementations of models/layers.py (conv2d: "onednn", "xla", "lax"; BatchNorm: oneDNN or XLA) against float64.
 
 Per layer, the tolerance is the worst-case bound on rounding in a sum of n
 products (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1):
@@ -213,3 +213,79 @@ def got_leaf(tree, path):
     for key in path:
         tree = tree[key.key]
     return tree
+
+
+# --------------------------------------------------------------------------
+# BatchNorm in training mode: oneDNN's primitives against float64.
+# --------------------------------------------------------------------------
+
+
+def batch_norm64(x, scale, bias, group, epsilon=1e-5):
+    """models.layers.BatchNorm's training-mode formula in float64: y, group means, group variances."""
+    grouped = x.reshape((x.shape[0] // group, group) + x.shape[1:])
+    mean = grouped.mean(axis=(1, 2, 3), keepdims=True)
+    var = ((grouped - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)
+    y = ((grouped - mean) / jnp.sqrt(var + epsilon)).reshape(x.shape) * scale + bias
+    return y, mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1])
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("group", [None, 4, 2])
+def test_onednn_batch_norm_within_rounding_of_float64(group, devices):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((8, 6, 5, 16)) * 3 + 2).astype(np.float32)
+    scale, bias = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+    if devices > 1 and (group is None or (8 // devices) % group):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # statistics would span devices
+            assert onednn.batch_norm(jnp.asarray(x), scale, bias, group, 1e-5) is None
+        return
+
+    def forward(x, scale, bias):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return onednn.batch_norm(x, scale, bias, group, 1e-5)
+
+    sharded = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    (y, mean, var), vjp = jax.vjp(jax.jit(forward), sharded, jnp.asarray(scale), jnp.asarray(bias))
+    dx, dscale, dbias = vjp((jnp.asarray(dy), jnp.zeros_like(mean), jnp.zeros_like(var)))
+    g = group or 8
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
+        (y64, mean64, var64), vjp64 = jax.vjp(lambda *a: batch_norm64(*a, g), *args)
+        dx64, dscale64, dbias64 = vjp64((jnp.asarray(dy, jnp.float64), jnp.zeros_like(mean64), jnp.zeros_like(var64)))
+    n = g * 6 * 5  # values per statistic
+    # Statistics: sums of n terms (gamma_n of the sum of |terms|); y and dx: a few operations on
+    # normalised values of size |x - mean| / sigma, each with the statistics' relative error.
+    normalised = np.max(np.abs(np.asarray(x) - np.repeat(np.asarray(mean64), g, 0)[:, None, None, :]))
+    sigma = np.sqrt(np.min(np.asarray(var64)))
+    checks = [
+        ("mean", mean, mean64, gamma(n) * np.max(np.abs(x))),
+        ("var", var, var64, 4 * gamma(n) * np.max(np.asarray(var64) + np.asarray(mean64) ** 2)),
+        ("y", y, y64, 8 * gamma(n) * (normalised / sigma) * np.max(np.abs(scale)) + 4 * U32 * np.max(np.abs(bias))),
+        ("dx", dx, dx64, 16 * gamma(n) * np.max(np.abs(scale * dy)) / sigma * (1 + normalised**2 / sigma**2)),
+        ("dscale", dscale, dscale64, 8 * gamma(8 * 30) * 8 * 30 * np.max(np.abs(dy)) * normalised / sigma),
+        ("dbias", dbias, dbias64, gamma(8 * 30) * np.sum(np.abs(dy), axis=(0, 1, 2)).max()),
+    ]  # fmt: skip
+    for name, got, want, bound in checks:
+        error = np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want)))
+        assert error <= bound, (name, error, bound)
+
+
+def test_batch_norm_layer_uses_onednn_where_groups_are_per_device():
+    """The layer with impl="onednn" runs oneDNN (a custom call in the compiled function), its output and
+    running averages match the float64 formula; impl="xla" compiles without it."""
+    x = np.random.default_rng(6).standard_normal((8, 4, 4, 8)).astype(np.float32)
+    for impl in ("onednn", "xla"):
+        layer = layers.BatchNorm(use_running_average=False, group_size=4, impl=impl)
+        variables = layer.init(jax.random.key(0), jnp.asarray(x))
+        apply = jax.jit(lambda v, x, layer=layer: layer.apply(v, x, mutable=["batch_stats"]))
+        assert ("lb_batch_norm_forward" in apply.lower(variables, x).compile().as_text()) == (impl == "onednn")
+    layer = layers.BatchNorm(use_running_average=False, group_size=4, impl="onednn")
+    y, stats = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(variables, jnp.asarray(x))
+    with jax.enable_x64(True):
+        y64, mean64, var64 = batch_norm64(jnp.asarray(x, jnp.float64), 1.0, 0.0, 4)
+    np.testing.assert_allclose(y, y64, rtol=0, atol=2**10 * U32 * float(jnp.max(jnp.abs(y64))))
+    # Running averages: momentum 0.9 from (0, 1), with the mean over groups of the group statistics.
+    np.testing.assert_allclose(stats["batch_stats"]["mean"], 0.1 * np.mean(mean64, 0), rtol=0, atol=2**10 * U32)
+    np.testing.assert_allclose(stats["batch_stats"]["var"], 0.9 + 0.1 * np.mean(var64, 0), rtol=2**10 * U32)
