@@ -36,4 +36,4 @@ notebook: $(VENV)/installed $(ONEDNN_EXTENSION)
 test: $(VENV)/installed $(ONEDNN_EXTENSION)
 	command -v mpirun >/dev/null && command -v ip >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq openmpi-bin iproute2 >/dev/null)
-	LARGEBATCH_SHARED_DATA=$(SHARED_DATA) $(VENV)/bin/python -m pytest -q
+	LARGEBATCH_SHARED_DATA=$(SHARED_DATA) $(VENV)/bin/python -m pytest -q --durations=25

@@ -122,6 +122,22 @@ def check_workdir(workdir: str):
         raise ValueError(f"--workdir={workdir} cannot be created: {parent} is not a writable folder.")
 
 
+def log_kernels(config, impl: str):
+    """One start-up line: which kernels run the convolutions, on which ISA and how many threads."""
+    if impl != "onednn":
+        logging.info("Convolutions: XLA's own kernels (conv_impl=%s), %s.", impl, config.dtype)
+        return
+    from models import onednn
+
+    logging.info(
+        "Convolutions and BatchNorm: oneDNN %s on %s, %s, %d OpenMP thread(s) per device.",
+        onednn.version(),
+        onednn.isa(),
+        config.dtype,
+        onednn.threads_per_device(),
+    )
+
+
 def fail(message: str, code: int) -> int:
     """Prints the traceback (--verbose only) and one `error:` line; returns the exit code."""
     if FLAGS.verbose:
@@ -213,16 +229,7 @@ def train_in(jax, config, workdir: str) -> int:
         summary["gflops_per_image"],
         3 * summary["gflops_per_image"],
     )
-    if train.conv_impl(config) == "onednn":
-        from models import onednn
-
-        logging.info(
-            "Convolutions: oneDNN %s on %s, %s, %d OpenMP thread(s) per device.",
-            onednn.version(),
-            onednn.isa(),
-            config.dtype,
-            onednn.threads_per_device(),
-        )
+    log_kernels(config, train.conv_impl(config))
     try:
         _, result = train.train_and_evaluate(config, workdir, setup)
     except (train.TrainingError, input_pipeline.DataError) as e:

@@ -186,9 +186,10 @@ def main():
     print(f"{cpu_description()}; matmul peak {peak / 1e9:.0f} GFLOP/s; best of {steps} steps", flush=True)
     if not bf16:
         print("oneDNN has no bfloat16 convolutions on this CPU (needs AVX512-BF16 or AMX): bf16 columns n/a.")
-    print("| model | batch | ours oneDNN f32 | ours oneDNN bf16 | ours XLA f32 | end to end (synthetic) "
-          "| PyTorch f32 | PyTorch bf16 autocast | f32: ours/PyTorch | bf16: ours/PyTorch | % of peak |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| model | batch | ours oneDNN f32 | oneDNN f32, 2 devices | ours oneDNN bf16 | ours XLA f32 "
+          "| end to end (synthetic) | PyTorch f32 | PyTorch bf16 autocast | f32: ours/PyTorch | bf16: ours/PyTorch "
+          "| % of peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for spec in (m for m in MODELS if m.name in args.models.split(",")):
         config = __import__(f"configs.{spec.config}", fromlist=["x"]).get_config()
         config.conv_impl = "lax"
@@ -199,13 +200,15 @@ def main():
                 return batch / measure(Cell(model=spec.name, batch=batch, steps=steps, **kw))
 
             ours = rate(who="ours")
+            two_devices = rate(who="ours", devices=2)  # the same cores as 2 XLA devices x half the threads
             ours_bf16 = rate(who="ours", dtype="bfloat16") if bf16 else None
             xla = rate(who="ours", conv_impl="xla")
             end_to_end = rate(who="end_to_end")
             torch_f32, torch_bf16 = rate(who="torch"), rate(who="torch", dtype="bfloat16")
             bf16_cells = (f"{ours_bf16:.2f}", f"{ours_bf16 / torch_bf16:.2f}") if bf16 else ("n/a", "n/a")
             print(
-                f"| {spec.name} ({spec.size}) | {batch} | {ours:.2f} | {bf16_cells[0]} | {xla:.2f} | {end_to_end:.2f} "
+                f"| {spec.name} ({spec.size}) | {batch} | {ours:.2f} | {two_devices:.2f} | {bf16_cells[0]} | {xla:.2f} "
+                f"| {end_to_end:.2f} "
                 f"| {torch_f32:.2f} | {torch_bf16:.2f} | {ours / torch_f32:.2f} | {bf16_cells[1]} "
                 f"| {100 * 3 * flops * ours / peak:.0f}% |",
                 flush=True,

@@ -92,9 +92,11 @@ def bfloat16_supported() -> bool:
 
 
 def threads_per_device() -> int:
-    """OpenMP threads for one device's calls: this process's cores over its XLA devices,
-    so that devices running concurrently do not oversubscribe the cores."""
-    return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count())
+    """OpenMP threads for one device's calls: this process's cores (or $OMP_NUM_THREADS, e.g. a
+    launcher's share of a machine it splits between processes) over its XLA devices, so that
+    devices running concurrently do not oversubscribe the cores."""
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    return max(1, cores // jax.local_device_count())
 
 
 def _call(target: str, result: jax.ShapeDtypeStruct, a, b, strides, pads):

@@ -52,6 +52,10 @@ def demo_run(tmp_path_factory):
     assert demo_args[0] == "--config=configs/demo.py" and demo_args[1].startswith("--workdir=")
     root = tmp_path_factory.mktemp("demo")
     subprocess.run(["git", "clone", "-q", str(REPO), str(root / "clone")], check=True)
+    # The README's command builds the oneDNN extension from csrc/ in the clone; the virtualenv
+    # (already installed from the same requirements.txt) is shared rather than reinstalled.
+    (root / "clone" / ".venv").symlink_to(REPO / ".venv")
+    subprocess.run(["make", "-s", "-o", ".venv/installed", "build"], cwd=root / "clone", check=True)
     env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"))
     env.pop("XLA_FLAGS", None)
     workdir = root / "workdir"

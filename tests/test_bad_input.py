@@ -92,6 +92,7 @@ def test_configuration_mistakes(case, args, words, cifar10_small, trained, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_image_stops_with_its_name_and_check_images_lists_all(cifar10_small, tmp_path):
     data = tmp_path / "data"
     for split in ("train", "test"):
@@ -115,6 +116,7 @@ def test_corrupt_image_stops_with_its_name_and_check_images_lists_all(cifar10_sm
     assert done.stdout.splitlines()[-1] == f"2 undecodable image file(s) under {data}."
 
 
+@pytest.mark.slow
 def test_non_finite_loss_before_any_checkpoint(cifar10_small, tmp_path):
     args = small_cifar(cifar10_small, optimizer="sgd", learning_rate=1e9, warmup_steps=0, lr_schedule="cosine",
                        num_train_steps=20, checkpoint_every_steps=1000, log_every_steps=10)  # fmt: skip
@@ -126,6 +128,7 @@ def test_non_finite_loss_before_any_checkpoint(cifar10_small, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_changed_batch_size_warns_once_and_resumes(cifar10_small, trained, tmp_path):
     workdir = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained), str(workdir)], check=True)
@@ -137,6 +140,7 @@ def test_changed_batch_size_warns_once_and_resumes(cifar10_small, trained, tmp_p
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 64
 
 
+@pytest.mark.slow
 def test_two_classes_evaluate_top1_without_top5(cifar10_small, tmp_path):
     data = tmp_path / "data"
     for split in ("train", "test"):
@@ -152,6 +156,7 @@ def test_two_classes_evaluate_top1_without_top5(cifar10_small, tmp_path):
     assert 0.0 <= final["eval_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_start_up_is_quiet(tmp_path):
     """Nothing from TensorFlow, absl or JAX's backend probing before our first line."""
     code, out, err = run_main(["--config=configs/demo.py", "--config.num_train_steps=1", f"--workdir={tmp_path}"])

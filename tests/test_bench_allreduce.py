@@ -16,6 +16,7 @@ def test_fit_recovers_the_ring_terms(num_hosts):
     assert got["max_rel_error"] < 1e-9
 
 
+@pytest.mark.slow
 def test_allreduce_across_two_namespace_hosts_sums_right():
     assert netns.available() is None, netns.available()
     # The workers assert the sum of every size against the hand count 1 + 2.

@@ -169,6 +169,7 @@ def float64_gradients(name, kwargs, variables, images, labels, u: float, seeds=(
     return loss, grads, moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name,size,kwargs", NETWORKS)
 def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, impl):
@@ -190,6 +191,7 @@ def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, 
         assert error <= tolerance, (jax.tree_util.keystr(path), error, got_leaf(moved, path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_resnet50_reduced_width_gradient_close_to_float64(impl):
     """ResNet-50 at width 8, 64 px, BN over 8 images at initialisation is ill-conditioned in float32:

@@ -9,15 +9,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from multiprocess import REPO, assert_same_params, env, final_params, main_args, overrides, records, run, run_launcher
+from multiprocess import REPO, assert_same_training, env, main_args, overrides, records, run, run_launcher
 
 import train
 from tools import launch
 
+pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
 
-@pytest.mark.parametrize("num_processes,devices", [(2, 2), (4, 1)])
+
+# 2 processes x 2 devices: test_mpirun_auto_detection_trains_identically (mpirun) and
+# tests/test_multihost_network.py (separate hosts) train that layout.
+@pytest.mark.parametrize("num_processes,devices", [(4, 1)])
 def test_process_topologies_train_identically(single_process_run, tmp_path, num_processes, devices):
     values, reference = single_process_run
     code, output = run_launcher(num_processes, devices, values, tmp_path / "run")
@@ -25,12 +28,11 @@ def test_process_topologies_train_identically(single_process_run, tmp_path, num_
     assert f"process 0 of {num_processes}, {devices} local / 4 global devices" in output
     # Only process 0 logs: the progress line appears once per logged step.
     assert output.count("step 6/6") == 1
-    want, got = records(reference, "train"), records(tmp_path / "run", "train")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
-    assert records(tmp_path / "run", "eval")[0]["eval_top1"] == records(reference, "eval")[0]["eval_top1"]
-    assert records(tmp_path / "run", "eval")[0]["eval_count"] == 1000
-    assert_same_params(final_params(values, tmp_path / "run"), final_params(values, reference))
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5, 6]
+    assert_same_training(values, tmp_path / "run", reference)
+    # Top-1 over 1,000 images: an image whose two best logits are within rounding may flip.
+    got_eval, want_eval = records(tmp_path / "run", "eval")[0], records(reference, "eval")[0]
+    assert got_eval["eval_count"] == 1000 and abs(got_eval["eval_top1"] - want_eval["eval_top1"]) <= 2e-3
 
 
 def test_mpirun_auto_detection_trains_identically(single_process_run, tmp_path):
@@ -42,9 +44,7 @@ def test_mpirun_auto_detection_trains_identically(single_process_run, tmp_path):
     )  # fmt: skip
     assert code == 0, output[-3000:]
     assert "process 0 of 2, 2 local / 4 global devices" in output
-    want, got = records(reference, "train"), records(tmp_path / "run", "train")
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
-    assert_same_params(final_params(values, tmp_path / "run"), final_params(values, reference))
+    assert_same_training(values, tmp_path / "run", reference)
 
 
 def test_killed_process_ends_the_other_and_restart_resumes(cifar10_small, tmp_path):

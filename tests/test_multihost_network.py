@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from multiprocess import REPO, assert_same_params, env, final_params, main_args, overrides, records
+from multiprocess import REPO, assert_same_training, env, main_args, overrides, records
 
 from tools import netns
+
+pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
 
 PORT = 23456
 
@@ -77,11 +78,10 @@ def test_two_hosts_train_like_one_process_and_resume_across_hosts(hosts, single_
     assert "Resuming from the checkpoint of step 3." in results[0][1]
     assert f"Collectives (gloo) on {hosts[0].address} (interface eth0 (--collectives_interface))" in results[0][1]
     assert f"Collectives (gloo) on {hosts[1].address} (interface eth0 ($GLOO_SOCKET_IFNAME))" in results[1][1]
-    want, got = records(reference, "train"), records(workdir, "train")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
-    assert records(workdir, "eval")[-1]["eval_top1"] == records(reference, "eval")[0]["eval_top1"]
-    assert_same_params(final_params(values, workdir), final_params(values, reference))
+    assert [r["step"] for r in records(workdir, "train")] == [1, 2, 3, 4, 5, 6]
+    assert_same_training(values, workdir, reference)
+    # Top-1 over 1,000 images: an image whose two best logits are within rounding may flip.
+    assert abs(records(workdir, "eval")[-1]["eval_top1"] - records(reference, "eval")[0]["eval_top1"]) <= 2e-3
 
 
 @pytest.mark.parametrize("hosts", [2], indirect=True)

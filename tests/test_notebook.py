@@ -14,6 +14,8 @@ from PIL import Image
 import train
 from configs import cifar10_lars
 
+pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

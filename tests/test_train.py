@@ -56,6 +56,7 @@ def leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 
+@pytest.mark.slow
 def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
     """A few hundred steps on the real images: accuracy far above chance, all logs written."""
     overrides = dict(
@@ -63,19 +64,21 @@ def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
         learning_rate=3.0, warmup_steps=30, trust_coefficient=0.01, log_every_steps=50, trust_ratio_every_steps=100,
         eval_every_steps=150, checkpoint_every_steps=150,
     )  # fmt: skip
-    code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "run")
+    run = tmp_path / "run"
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides), run)
     assert code == 0, output[-3000:]
-    evals = metrics(tmp_path / "run", "eval")
+    assert "Convolutions and BatchNorm: oneDNN 3.2" in output
+    evals = metrics(run, "eval")
     assert [e["step"] for e in evals] == [150, 300]
     assert all(e["eval_count"] == 10_000 for e in evals)
-    # Chance is 0.10. Measured: top-1 0.451, top-5 0.922 after 300 steps (0.77 epochs).
+    # Chance is 0.10. Measured: top-1 0.45-0.50, top-5 0.92-0.94 after 300 steps (0.77 epochs), seeds 0-2.
     assert evals[-1]["eval_top1"] > 0.35, evals
     assert evals[-1]["eval_top5"] > 0.80
-    trains = metrics(tmp_path / "run")
+    trains = metrics(run)
     assert [t["step"] for t in trains] == [50, 100, 150, 200, 250, 300]
     assert trains[-1]["loss"] < trains[0]["loss"]
     assert all(t["images_per_sec"] > 0 and t["eta_sec"] >= 0 for t in trains)
-    trust = [json.loads(line) for line in (tmp_path / "run" / train.TRUST_RATIOS_FILE).read_text().splitlines()]
+    trust = [json.loads(line) for line in (run / train.TRUST_RATIOS_FILE).read_text().splitlines()]
     # Every 100 steps, the last, and the step after each checkpoint (150), for the notebook's live check.
     assert [t["step"] for t in trust] == [100, 151, 200, 300]
     layers = trust[-1]["layers"]
@@ -87,24 +90,32 @@ def test_end_to_end_on_cifar10_jpegs(cifar10_dir, tmp_path):
     want = 0.01 * kernel["param_norm"] / (kernel["grad_norm"] + 5e-4 * kernel["param_norm"])
     np.testing.assert_allclose(kernel["trust_ratio"], want, rtol=1e-4)
     assert "Model cifar_resnet8: 78,042 parameters" in output
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["150", "300"]
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["150", "300"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run).iterdir())
 
 
+@pytest.mark.slow
 def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tmp_path):
+    # XLA's kernels in both: statistics over 4 devices are XLA's, over 1 device they would be
+    # oneDNN's, and two implementations' rounding, amplified by 5 steps, is not what this tests.
     overrides = dict(
         data_dir=cifar10_small, model="cifar_resnet8", batch_size=32, num_train_steps=5, bn_group="global",
-        log_every_steps=1, eval_every_steps=5, checkpoint_every_steps=5, eval_batch_size=100,
-
+        log_every_steps=1, eval_every_steps=5, checkpoint_every_steps=5, eval_batch_size=100, conv_impl="xla",
     )  # fmt: skip
     for devices in (1, 4):
         code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / f"d{devices}", devices=devices)
         assert code == 0, output[-3000:]
         assert f"{devices} local / {devices} global devices" in output
     one, four = metrics(tmp_path / "d1"), metrics(tmp_path / "d4")
-    np.testing.assert_allclose([m["loss"] for m in one], [m["loss"] for m in four], rtol=1e-5)
+    losses_one, losses_four = np.array([m["loss"] for m in one]), np.array([m["loss"] for m in four])
+    # The first loss is one forward pass (float32 rounding); later ones follow parameters that
+    # differ by rounding amplified over the steps, held like the parameters below to 1e-2 of
+    # how far the loss moves in a step. Statistics per device would move it by O(1) of that.
+    np.testing.assert_allclose(losses_one[0], losses_four[0], rtol=1e-5)
+    np.testing.assert_allclose(losses_one, losses_four, rtol=0, atol=1e-2 * np.max(np.abs(np.diff(losses_one))))
+    # Top-1 over 1,000 test images: an image whose two best logits are within rounding may flip.
     np.testing.assert_allclose(
-        metrics(tmp_path / "d1", "eval")[0]["eval_top1"], metrics(tmp_path / "d4", "eval")[0]["eval_top1"]
+        metrics(tmp_path / "d1", "eval")[0]["eval_top1"], metrics(tmp_path / "d4", "eval")[0]["eval_top1"], atol=2e-3
     )
     config = cifar_config(cifar10_small, **overrides)
     one_params, four_params = [leaves(train.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
@@ -117,6 +128,7 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * moved + 1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path):
     """Batch 32 on 4 devices as 4 micro-steps of 2 per device equals one step of 8 per device."""
     common = dict(
@@ -149,9 +161,10 @@ def _wait_for(predicate, process, timeout=300):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
     overrides = dict(
-        data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=24, checkpoint_every_steps=4,
+        data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=16, checkpoint_every_steps=4,
         eval_every_steps=1000, log_every_steps=1,
     )  # fmt: skip
     args = flags("configs/cifar10_lars.py", overrides)
@@ -160,11 +173,11 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
 
     process = run_main(args, tmp_path / "killed", wait=False)
     checkpoints = tmp_path / "killed" / "checkpoints"
-    _wait_for(lambda: (checkpoints / "8").is_dir(), process)
+    _wait_for(lambda: (checkpoints / "4").is_dir(), process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert saved and saved[-1] < 24, saved  # killed mid-run
+    assert saved and saved[-1] < 16, saved  # killed mid-run
     code, output = run_main(args, tmp_path / "killed")
     assert code == 0, output[-3000:]
     assert f"Resuming from the checkpoint of step {saved[-1]}" in output
@@ -176,6 +189,7 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_zero(cifar10_small, tmp_path):
     overrides = dict(data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=100_000,
                      checkpoint_every_steps=100_000, eval_every_steps=100_000, log_every_steps=1)  # fmt: skip
@@ -223,6 +237,7 @@ def test_command_line_errors_write_nothing(cifar10_small, tmp_path):
     assert not (tmp_path / "typo").exists() and not (tmp_path / "batch").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_small, tmp_path):
     config = cifar_config(
         cifar10_small, optimizer="sgd", learning_rate=1e6, warmup_steps=0, lr_schedule="cosine", batch_size=32,
@@ -238,6 +253,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_sm
     assert all(np.isfinite(x).all() for x in leaves(state))
 
 
+@pytest.mark.slow
 def test_readme_demo_command_on_a_clean_clone(demo_run):
     """The README's first command (make demo), minus the virtualenv set-up, on a clean clone."""
     workdir, code, output = demo_run

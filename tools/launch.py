@@ -7,7 +7,8 @@ Each process runs `main.py ARGS --coordinator_address=127.0.0.1:PORT
 --num_processes=N --process_id=i --num_cpu_devices=D`. Their output is
 streamed with a "[i] " prefix. When one process exits non-zero, the others
 are stopped (SIGTERM, then SIGKILL after --grace seconds) and the launcher
-exits with that code. SIGINT/SIGTERM to the launcher are passed on.
+exits with that code. SIGINT/SIGTERM to the launcher are passed on. Each
+process gets OMP_NUM_THREADS = cores / N (unless set) for its oneDNN calls.
 """
 
 import argparse
@@ -43,6 +44,9 @@ def launch(
     port = port or free_port()
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the device count comes from --num_cpu_devices
+    # The processes share this machine's cores: each gets its share for oneDNN's OpenMP threads
+    # (models/onednn.threads_per_device) instead of all of them, which would oversubscribe.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // num_processes)))
     processes, threads, lock = [], [], threading.Lock()
     for i in range(num_processes):
         command = [
