@@ -1,4 +1,4 @@
-"""The offline demo: scikit-learn's digits, a small CIFAR ResNet, LARS; a few minutes on 2 cores.
+"""The offline demo: scikit-learn's digits, a small CIFAR ResNet, LARS; about a minute on 2 cores.
 
 python main.py --config=configs/demo.py --workdir=/tmp/demo
 """

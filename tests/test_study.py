@@ -7,17 +7,20 @@ import subprocess
 import sys
 
 import matplotlib.image
+import pytest
+
+pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_study_runs_records_and_reports(cifar10_small, tmp_path):
     out = tmp_path / "study"
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
+    page = tmp_path / "study.md"
+    page.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
     command = [
         sys.executable, "-m", "tools.study", f"--out={out}", f"--data_dir={cifar10_small}", "--batches=32,64",
-        "--steps=3", "--epochs=1", "--num_cpu_devices=2", "--bn_group=16", f"--readme={readme}",
+        "--steps=3", "--epochs=1", "--num_cpu_devices=2", "--bn_group=16", f"--page={page}",
     ]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
 
@@ -35,7 +38,7 @@ def test_study_runs_records_and_reports(cifar10_small, tmp_path):
         last_eval = [r for r in evals if r["kind"] == "eval"][-1]
         assert last_eval["eval_count"] == 1000 and round(last_eval["eval_top1"], 4) == float(row["top1"])
 
-    text = readme.read_text()
+    text = page.read_text()
     assert "old table" not in text and text.endswith("after\n")
     sgd_64 = rows[("sgd", 64)]
     assert f"| 64 | {100 * float(sgd_64['top1']):.1f} (3) |" in text

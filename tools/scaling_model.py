@@ -1,6 +1,6 @@
 """Time to train on N CPU nodes: measured compute per node plus a ring all-reduce per step.
 
-    python -m tools.scaling_model --out docs/scaling --readme README.md
+    python -m tools.scaling_model --out docs/scaling --page docs/scaling.md
     python -m tools.scaling_model --measure ...   # re-time our steps here first (bench.bench_step)
     python -m tools.scaling_model --allreduce=docs/scaling/allreduce.json ...   # also with measured terms
 
@@ -178,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--bandwidth_gbps", type=float, default=100.0)
     parser.add_argument("--measure", action="store_true", help="time our steps here instead of the recorded rates")
     parser.add_argument("--allreduce", default="", help="bench_allreduce.py's JSON: add predictions with its terms")
-    parser.add_argument("--readme", default="", help="README whose scaling section gets the table")
+    parser.add_argument("--page", default="", help="Markdown page whose scaling section gets the table")
     args = parser.parse_args(argv)
     measured, here_peak = measure() if args.measure else (MEASURED, HERE_PEAK)
     latency, bandwidth = args.latency_us * 1e-6, args.bandwidth_gbps * 1e9 / 8
@@ -192,8 +192,8 @@ def main(argv=None):
         writer.writerows(rows)
     plot(measured, here_peak, latency, bandwidth, out / "scaling.png")
     table = markdown(rows)
-    if args.readme:
-        replace_section(args.readme, "scaling", table)
+    if args.page:
+        replace_section(args.page, "scaling", table)
     print(f"measured here: {measured} img/s, peak {here_peak / 1e9:.0f} GFLOP/s")
     print(table)
 

@@ -1,6 +1,6 @@
 """The batch-size study: momentum SGD with linear LR scaling against LARS, on the CIFAR-10 JPEGs.
 
-    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --out docs/study
+    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --out docs/study --page docs/study.md
 
 Trains `--model` for a fixed epoch budget at every batch size of `--batches`
 with configs/cifar10_sgd.py (momentum SGD, LR 0.1 x B/128, warmup, x0.1 steps at
@@ -17,7 +17,7 @@ Writes:
   OUT/logs/<run>/          its metrics.jsonl, trust_ratios.jsonl (~100 records) and config.json
   OUT/accuracy.png         test top-1 against batch size, one line per method
   OUT/trust_ratios.png     LARS per-layer trust ratios over training, smallest vs largest batch
-  README.md                the table between the study markers (--readme, from results.csv)
+  PAGE                     the table between the study markers (--page, e.g. docs/study.md)
 """
 
 import argparse
@@ -145,11 +145,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme, rows: list[dict], csv_path):
-    """The study section of README: the table of rows and where it comes from."""
+def update_page(page, rows: list[dict], csv_path):
+    """The study section of a Markdown page: the table of rows and where it comes from."""
     first = rows[0] if rows else {}
     note = f"\n\n_{first.get('model', '')}, {first.get('epochs', '')} epochs; from `{csv_path}`._" if rows else ""
-    replace_section(readme, "study", markdown_table(rows) + note)
+    replace_section(page, "study", markdown_table(rows) + note)
 
 
 def plot_accuracy(rows: list[dict], path):
@@ -206,7 +206,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
     parser.add_argument("--num_cpu_devices", type=int, default=os.cpu_count())
-    parser.add_argument("--readme", default="", help="README whose study section gets the table")
+    parser.add_argument("--page", default="", help="Markdown page whose study section gets the table")
     return parser.parse_args(argv)
 
 
@@ -233,8 +233,8 @@ def main(argv=None):
         logs = out / "logs"
         small, large = run_name("lars", min(batches)), run_name("lars", max(batches))
         plot_trust_ratio_comparison(logs / small, logs / large, out / "trust_ratios.png")
-    if args.readme:
-        update_readme(args.readme, rows, csv_path)
+    if args.page:
+        update_page(args.page, rows, csv_path)
     print(markdown_table(rows))
     return rows
 
