@@ -48,16 +48,16 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
         stats_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 in tests
+        batch = x.shape[0]
+        group = batch if self.group_size is None else self.group_size
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x.astype(stats_dtype) - mean) * lax.rsqrt(var + self.epsilon)
+        elif batch % group:
+            raise ValueError(f"BatchNorm group size {group} does not divide the batch of {batch}.")
         elif (done := self._onednn(x, scale, bias, ra_mean, ra_var)) is not None:
             return done
         else:
-            batch = x.shape[0]
-            group = batch if self.group_size is None else self.group_size
-            if batch % group:
-                raise ValueError(f"BatchNorm group size {group} does not divide the batch of {batch}.")
             grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
             axes = tuple(range(1, grouped.ndim - 1))
             mean = jnp.mean(grouped, axis=axes, keepdims=True)
@@ -68,9 +68,13 @@ class BatchNorm(nn.Module):
                 group_mean = jnp.mean(mean, axis=reduce_axes)
                 # Population (biased) variance, as flax.linen.BatchNorm keeps it.
                 group_var = jnp.mean(var, axis=reduce_axes)
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * group_mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * group_var
+                self._update_running_averages(ra_mean, ra_var, group_mean, group_var)
         return (y * scale + bias).astype(self.dtype)
+
+    def _update_running_averages(self, ra_mean, ra_var, mean, var):
+        """Exponential moving averages of the batch statistics (mean over groups), for evaluation."""
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
 
     def _onednn(self, x, scale, bias, ra_mean, ra_var):
         """The training-mode output through oneDNN, or None where it does not apply."""
@@ -78,15 +82,12 @@ class BatchNorm(nn.Module):
             return None
         from models import onednn
 
-        if x.shape[0] % (self.group_size or 1):
-            raise ValueError(f"BatchNorm group size {self.group_size} does not divide the batch of {x.shape[0]}.")
         done = onednn.batch_norm(x.astype(self.dtype), scale, bias, self.group_size, self.epsilon)
         if done is None:
             return None
         y, mean, var = done
         mean, var = lax.stop_gradient(jnp.mean(mean, axis=0)), lax.stop_gradient(jnp.mean(var, axis=0))
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        self._update_running_averages(ra_mean, ra_var, mean, var)
         return y.astype(self.dtype)
 
 
