@@ -80,6 +80,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     filename_key: str | None
+    num_validation: int = 0  # training images held out for validation (create's validation_images)
 
 
 # --------------------------------------------------------------------------
@@ -237,18 +238,94 @@ def split_share(builder, split: str, index: int, count: int) -> tuple[tf.data.Da
     """
     total = builder.info.splits[split].num_examples
     largest = math.ceil(total / count)
-    decoders = {"image": tfds.decode.SkipDecoding()}
     if isinstance(builder, tfds.ImageFolder):
         # ImageFolder has no sub-split API; its file order is fixed, so a
         # strided shard is disjoint and covering.
-        records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-        records = records.shard(count, index)
+        records = _undecoded(builder, split).shard(count, index)
         size = len(range(index, total, count))
     else:
         subsplit = tfds.split_for_jax_process(split, process_index=index, process_count=count)
-        records = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders)
+        records = _undecoded(builder, subsplit)
         size = builder.info.splits[subsplit].num_examples
     return records, size, largest
+
+
+def _undecoded(builder, split: str) -> tf.data.Dataset:
+    return builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def positions_share(builder, split: str, positions: np.ndarray, index: int, count: int):
+    """Share `index` of `count` (strided) of the records at `positions` of a split read in its fixed order.
+
+    Returns:
+      (records, examples in this share, examples in the largest share).
+    """
+    keep = np.zeros(builder.info.splits[split].num_examples, bool)
+    keep[positions] = True
+    keep = tf.constant(keep)
+    records = _undecoded(builder, split).enumerate().filter(lambda i, _: tf.gather(keep, i)).map(lambda _, r: r)
+    return records.shard(count, index), len(range(index, len(positions), count)), math.ceil(len(positions) / count)
+
+
+# --------------------------------------------------------------------------
+# The validation split: training images held out.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+    """A fixed, stratified part of the training split held out for validation.
+
+    Positions index the training split in its fixed order; `names` are the
+    file names (or record ids) of the whole split, so a run can record which
+    images it trained on and which it validated on.
+    """
+
+    validation: np.ndarray
+    train: np.ndarray
+    names: list[str]
+    seed: int
+
+    def record(self) -> dict:
+        """The split as written beside a run (train.SPLIT_FILE): sorted names of each part."""
+        return {
+            "validation_seed": self.seed,
+            "validation": sorted(self.names[i] for i in self.validation),
+            "train": sorted(self.names[i] for i in self.train),
+        }
+
+
+def stratified_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted positions of `count` examples, each class's share proportional to its size.
+
+    Quotas are count x class size / total, rounded down, the remainder going to
+    the largest fractional parts; within a class the examples are the first of
+    a permutation drawn from `seed` (not the run's seed, so every run holds out
+    the same images).
+    """
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = count * sizes / len(labels)
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(quotas - exact, kind="stable")[: count - quotas.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quotas)]
+    return np.sort(np.concatenate(chosen))
+
+
+def holdout(builder, info: DatasetInfo, count: int, seed: int) -> Holdout:
+    """Holds out `count` training images, stratified by label (one pass over labels and names)."""
+    keys = ["label"] + ([info.filename_key] if info.filename_key else [])
+    labels, names = [], []
+    for batch in _undecoded(builder, info.train_split).map(lambda r: {k: r[k] for k in keys}).batch(4096):
+        labels.append(batch["label"].numpy())
+        if info.filename_key:
+            # <class>/<file> for image folders (file names repeat across classes), the id otherwise.
+            names.extend("/".join(n.decode().split("/")[-2:]) for n in batch[info.filename_key].numpy())
+    labels = np.concatenate(labels)
+    if not info.filename_key:
+        names = [str(i) for i in range(len(labels))]
+    validation = stratified_sample(labels, count, seed)
+    return Holdout(validation, np.setdiff1d(np.arange(len(labels)), validation), names, seed)
 
 
 # --------------------------------------------------------------------------
@@ -537,6 +614,15 @@ class Shard:
     count: int
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """This process's share of one evaluation split."""
+
+    records: tf.data.Dataset
+    count: int
+    largest_share: int
+
+
 @dataclasses.dataclass
 class Data:
     """The data of one run in one process, as the training loop uses it.
@@ -552,12 +638,22 @@ class Data:
     preprocess: Preprocess
     train_shards: list[Shard]
     shard_batch: int
-    eval_records: tf.data.Dataset
-    eval_count: int
-    eval_largest_share: int
+    eval_sets: dict[str, EvalSet]  # "validation" (held out) and/or the data set's evaluation split
     local_eval_batch: int
     seed: int
     cache: bool
+    holdout: Holdout | None = None
+
+    @property
+    def periodic_eval_split(self) -> str:
+        """The split evaluated during training: the held-out validation images if any."""
+        return "validation" if self.holdout else self.info.eval_split
+
+    @property
+    def final_eval_splits(self) -> tuple[str, ...]:
+        """The splits evaluated after the last step: also the test split when validation is held out,
+        so the test images are read once, at the end, and choose nothing."""
+        return ("validation", self.info.eval_split) if self.holdout else (self.info.eval_split,)
 
     @property
     def train_count(self) -> int:
@@ -589,15 +685,18 @@ class Data:
         records = functools.reduce(lambda a, b: a.concatenate(b), [s.records for s in self.train_shards])
         return numpy_batches(ds, records, self.info)
 
-    @property
-    def num_eval_batches(self) -> int:
-        return math.ceil(self.eval_largest_share / self.local_eval_batch)
+    def num_eval_batches(self, split: str | None = None) -> int:
+        eval_set = self.eval_sets[split or self.periodic_eval_split]
+        return math.ceil(eval_set.largest_share / self.local_eval_batch)
 
-    def eval_batches(self) -> Iterator[dict]:
-        ds = eval_dataset(self.eval_records, self.preprocess, self.local_eval_batch)
+    def eval_batches(self, split: str | None = None) -> Iterator[dict]:
+        """Padded batches of an evaluation split (default: the periodic one), the same count in every process."""
+        split = split or self.periodic_eval_split
+        records = self.eval_sets[split].records
+        ds = eval_dataset(records, self.preprocess, self.local_eval_batch)
         shape = (self.preprocess.image_size, self.preprocess.image_size, self.info.channels)
         return padded_eval_batches(
-            numpy_batches(ds, self.eval_records, self.info), self.local_eval_batch, self.num_eval_batches, shape
+            numpy_batches(ds, records, self.info), self.local_eval_batch, self.num_eval_batches(split), shape
         )
 
 
@@ -622,8 +721,11 @@ class SyntheticData:
     def train_count(self) -> int:
         return self.info.num_train
 
-    @property
-    def num_eval_batches(self) -> int:
+    periodic_eval_split = "validation"
+    final_eval_splits = ("validation",)
+    holdout = None
+
+    def num_eval_batches(self, split: str | None = None) -> int:
         return 1
 
     def _batch(self, rows: int, index: int) -> dict:
@@ -641,7 +743,7 @@ class SyntheticData:
             yield pool[step % 2]
             step += 1
 
-    def eval_batches(self) -> Iterator[dict]:
+    def eval_batches(self, split: str | None = None) -> Iterator[dict]:
         batch = self._batch(self.local_eval_batch, 2)  # not one of the two training batches
         yield {**batch, "mask": np.ones(self.local_eval_batch, np.float32)}
 
@@ -680,6 +782,8 @@ def create(
     normalize: str = "auto",
     flip: bool = True,
     num_classes: int = 0,
+    validation_images: int = 0,
+    validation_seed: int = 0,
 ) -> Data | SyntheticData:
     """Opens a data set for this process.
 
@@ -697,6 +801,11 @@ def create(
       normalize: a NORMALIZATIONS name or "auto" (see `normalization`).
       flip: random horizontal flips in the "pad_crop_flip" augmentation.
       num_classes: the synthetic data set's class count (0: 1000); others have their own.
+      validation_images: > 0: hold out that many training images, stratified
+        by class (see `holdout`), as the "validation" split evaluated during
+        training; the data set's own evaluation split is then read only after
+        the last step.
+      validation_seed: which images are held out (not the run's seed).
 
     Returns:
       A Data whose iterators yield this process's NumPy rows.
@@ -712,26 +821,38 @@ def create(
     ):
         if batch % parts:
             raise ValueError(f"{name}={batch} is not divisible by {parts} (data shards or processes).")
+    if validation_images < 0 or (validation_images and dataset == "synthetic"):
+        raise ValueError(f"validation_images={validation_images}: hold out >= 0 images of a real data set.")
     if dataset == "synthetic":
         return synthetic(global_batch, global_eval_batch, image_size, num_classes, seed)
     normalization(normalize, dataset)  # a bad name fails before the data set is opened
     builder = get_builder(dataset, data_dir)
     info = dataset_info(builder, dataset, normalize)
+    held = None
+    eval_sets = {info.eval_split: EvalSet(*split_share(builder, info.eval_split, process_index, process_count))}
+    if validation_images:
+        if validation_images >= info.num_train:
+            raise ValueError(f"validation_images={validation_images} leaves no training images of {info.num_train}.")
+        held = holdout(builder, info, validation_images, validation_seed)
+        info = dataclasses.replace(info, num_train=len(held.train), num_validation=len(held.validation))
+        validation = positions_share(builder, info.train_split, held.validation, process_index, process_count)
+        eval_sets["validation"] = EvalSet(*validation)
     per_process = num_shards // process_count
     shards = []
     for index in range(process_index * per_process, (process_index + 1) * per_process):
-        records, count, _ = split_share(builder, info.train_split, index, num_shards)
+        if held:
+            records, count, _ = positions_share(builder, info.train_split, held.train, index, num_shards)
+        else:
+            records, count, _ = split_share(builder, info.train_split, index, num_shards)
         shards.append(Shard(index, records, count))
-    eval_records, eval_count, eval_largest = split_share(builder, info.eval_split, process_index, process_count)
     return Data(
         info=info,
         preprocess=Preprocess(augment, image_size, info, flip),
         train_shards=shards,
         shard_batch=global_batch // num_shards,
-        eval_records=eval_records,
-        eval_count=eval_count,
-        eval_largest_share=eval_largest,
+        eval_sets=eval_sets,
         local_eval_batch=global_eval_batch // process_count,
         seed=seed,
         cache=cache,
+        holdout=held,
     )

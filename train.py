@@ -34,6 +34,7 @@ import input_pipeline
 import lars
 import models
 import optimizers
+from configs import default
 from models import layers, onednn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -41,6 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 TRUST_RATIOS_FILE = "trust_ratios.jsonl"
 MASK_FILE = "lars_mask.json"
 CONFIG_FILE = "config.json"
+SPLIT_FILE = "data_split.json"  # with validation_images: which training images were held out
 LAYOUT_FILE = "layout.json"  # processes and devices of the run (gradients depend on them with per-device BN)
 CHECKPOINT_DIR = "checkpoints"
 
@@ -456,6 +458,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
         normalize=config.normalization,
         flip=config.random_flip,
         num_classes=config.num_classes,
+        validation_images=config.validation_images,
+        validation_seed=config.validation_seed,
     )
     num_classes = config.num_classes or data.info.num_classes
     if num_classes != data.info.num_classes:
@@ -573,8 +577,10 @@ def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None =
     return setup, state
 
 
-# Keys whose change makes a workdir's checkpoints unusable: parameter or optimizer-state shapes.
-SHAPE_KEYS = ("model", "model_kwargs", "num_classes", "dataset", "image_size", "optimizer")
+# Keys whose change makes a workdir's checkpoints unusable: parameter or optimizer-state
+# shapes, or which images are trained on (a new validation split would mix the two).
+BLOCKING_KEYS = ("model", "model_kwargs", "num_classes", "dataset", "image_size", "optimizer")
+BLOCKING_KEYS += ("validation_images", "validation_seed")
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -592,9 +598,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         return []
     with open(path) as f:
         old = traverse_util.flatten_dict(json.load(f), sep=".")
+    # A key added to configs/default.py since that run started had its default value there.
+    old = traverse_util.flatten_dict(json.loads(default.get_config().to_json()), sep=".") | old
     new = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
     differ = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-    blocking = [key for key in differ if key.split(".")[0] in SHAPE_KEYS]
+    blocking = [key for key in differ if key.split(".")[0] in BLOCKING_KEYS]
     if blocking:
         changes = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in blocking)
         raise ValueError(
@@ -638,9 +646,10 @@ def save(manager: ocp.CheckpointManager, state: TrainState):
         manager.wait_until_finished()
 
 
-def evaluate(setup: Setup, state: TrainState, eval_step, sharding) -> dict[str, float]:
+def evaluate(setup: Setup, state: TrainState, eval_step, sharding, split: str) -> dict[str, float]:
+    """Top-1, top-5 (with 5 classes or more), loss and count over every image of an evaluation split."""
     totals = None
-    for batch in setup.data.eval_batches():
+    for batch in setup.data.eval_batches(split):
         out = eval_step(state, input_pipeline.to_global(batch, sharding))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
@@ -669,6 +678,9 @@ def _write_run_files(workdir: str, setup: Setup, mask: dict[str, str], writer):
         json.dump({"processes": jax.process_count(), "devices": setup.mesh.size}, f)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json(indent=1))
+    if setup.data is not None and setup.data.holdout is not None:
+        with open(os.path.join(workdir, SPLIT_FILE), "w") as f:
+            json.dump(setup.data.holdout.record(), f)
     writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
 
@@ -724,7 +736,8 @@ def train_and_evaluate(
 
     Returns:
       The final train state, and the last evaluation's metrics (eval_top1,
-      eval_top5, eval_loss, eval_count) with the step reached.
+      eval_top5, eval_loss, eval_count) with its split and the step reached;
+      after the last step, that of the test split when validation is held out.
 
     Raises:
       TrainingError: a non-finite loss or gradient (the state is not saved past it).
@@ -776,10 +789,13 @@ def train_and_evaluate(
                 trust_log.write(trust_ratio_record(done, jax.device_get(metrics), mask))
             if done % steps.eval == 0 or last:
                 finite.check(manager.latest_step())
-                result = {"step": done, **evaluate(setup, state, eval_step, sharding)}
-                writer.write_scalars(done, result)
-                metrics_log.write({"kind": "eval", **result})
-                logging.info("eval at step %d: %s", done, _format_eval(result))
+                for split in setup.data.final_eval_splits if last else (setup.data.periodic_eval_split,):
+                    result = {"step": done, "split": split, **evaluate(setup, state, eval_step, sharding, split)}
+                    writer.write_scalars(
+                        done, {k.replace("eval_", f"{split}_"): v for k, v in result.items() if k != "split"}
+                    )
+                    metrics_log.write({"kind": "eval", **result})
+                    logging.info("%s at step %d: %s", split, done, _format_eval(result))
             if done % steps.checkpoint == 0 or last or stop.signal is not None:
                 finite.check(manager.latest_step())
                 save(manager, state)

@@ -41,6 +41,12 @@ def get_config():
     # process and gives batch_size / data_shards rows of every global batch, so
     # a fixed value makes runs on different process counts see the same batches.
     config.data_shards = 0
+    # > 0: hold out that many training images (stratified by class, chosen by
+    # validation_seed, not seed) as the "validation" split evaluated every
+    # eval_every_*; the data set's own evaluation split is then read once, after
+    # the last step. The held-out file names go to data_split.json in the workdir.
+    config.validation_images = 0
+    config.validation_seed = 0
 
     # Batch: global over all devices of all processes.
     config.batch_size = 32768

@@ -249,3 +249,13 @@ def test_cifar_configs_normalise_with_cifar_statistics(cifar10_dir, tmp_path):
     # 6-35 levels (about 10 on average), red and green by up to 12.
     undone = got * np.array(ip.CIFAR_STD) + np.array(ip.CIFAR_MEAN)
     assert np.max(np.abs(undone - pixels)) <= 4 + 1e-3 and np.all(np.abs(np.mean(undone - pixels, (0, 1))) < 2)
+
+
+def test_stratified_sample_takes_each_class_in_proportion():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    # 7 x (0.5, 0.3, 0.2) = 3.5, 2.1, 1.4: floors 3, 2, 1 and the one left to the largest remainder.
+    for count, quotas in ((10, [5, 3, 2]), (7, [4, 2, 1])):
+        chosen = ip.stratified_sample(labels, count, seed=0)
+        assert list(np.bincount(labels[chosen], minlength=3)) == quotas and len(set(chosen)) == count
+    assert list(ip.stratified_sample(labels, 7, seed=0)) == list(ip.stratified_sample(labels, 7, seed=0))
+    assert list(ip.stratified_sample(labels, 7, seed=0)) != list(ip.stratified_sample(labels, 7, seed=1))

@@ -1,57 +1,120 @@
-"""tools/study.py on a tiny budget: two batch sizes, both methods, three steps each, through main.py."""
+"""configs/cifar10_study.py and tools/study.py on a small subset, through main.py."""
 
 import csv
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import matplotlib.image
 import pytest
 
-pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
+from configs import cifar10_study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_study_runs_records_and_reports(cifar10_small, tmp_path):
-    out = tmp_path / "study"
-    page = tmp_path / "study.md"
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_variant_is_the_whole_experiment():
+    config = cifar10_study.get_config("method=sgd,batch=2048,lr=3.2")
+    assert (config.optimizer, config.nesterov, config.batch_size, config.learning_rate) == ("sgd", False, 2048, 3.2)
+    assert config.validation_images == 5000 and config.eval_every_steps == 168 // 16  # 8 x 21 steps
+    assert cifar10_study.get_config("method=nesterov,batch=128,lr=0.1").nesterov
+    lars = cifar10_study.get_config("method=lars,batch=128,lr=0.5")
+    assert (lars.optimizer, lars.trust_coefficient, lars.microbatch_size) == ("lars", 0.01, 128)
+    # What differs between two cells is only what the variant names.
+    a, b = (cifar10_study.get_config(f"method={m},batch=512,lr=1.0").to_dict() for m in ("sgd", "lars"))
+    assert {k for k in a if a[k] != b[k]} == {"optimizer"}
+    # The scaling rules, by hand: 0.1 at 128 linearly; 2 x sqrt(B/1024).
+    assert cifar10_study.scaled_lr("sgd", 8192) == pytest.approx(6.4)
+    assert cifar10_study.scaled_lr("lars", 4096) == pytest.approx(4.0)
+    for bad, words in (("method=adam,batch=1,lr=1", "method='adam'"), ("method=sgd,lr=1", "needs batch"),
+                       ("method=sgd,batch=1,lr=1,lr_decay=3", "unknown variant key(s) ['lr_decay']")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cifar10_study.get_config(bad)
+
+
+@pytest.mark.slow
+def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
+    out, page = tmp_path / "study", tmp_path / "study.md"
     page.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
+    # One cell (LARS, batch 64), 3 LRs; 2,000 training images, 100 held out; 6 steps per run, validation after each.
     command = [
-        sys.executable, "-m", "tools.study", f"--out={out}", f"--data_dir={cifar10_small}", "--batches=32,64",
-        "--steps=3", "--epochs=1", "--num_cpu_devices=2", "--bn_group=16", f"--page={page}",
+        sys.executable, "-m", "tools.study", f"--out={out}", f"--data_dir={cifar10_small}", "--methods=lars",
+        "--batches=64", "--steps=6", "--validation=100", "--target=0.15", "--extend=0", f"--page={page}",
     ]  # fmt: skip
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the runs' own device count, as for a user
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
     with open(out / "results.csv") as f:
-        rows = {(r["method"], int(r["batch"])): r for r in csv.DictReader(f)}
-    assert set(rows) == {("sgd", 32), ("sgd", 64), ("lars", 32), ("lars", 64)}
-    for (method, batch), row in rows.items():
-        assert int(row["steps"]) == 3
-        assert 0.0 <= float(row["top1"]) <= float(row["top5"]) <= 1.0
-        # The configs' LR rules, by hand: 0.1 x B/128 (SGD), 2 x sqrt(B/1024) (LARS).
-        expected_lr = 0.1 * batch / 128 if method == "sgd" else 2.0 * (batch / 1024) ** 0.5
-        assert abs(float(row["peak_lr"]) - expected_lr) < 1e-6
-        # Each run went through main.py into its own workdir, evaluated on all 1,000 test images.
-        evals = [json.loads(line) for line in (out / "logs" / f"{method}_b{batch}" / "metrics.jsonl").open()]
-        last_eval = [r for r in evals if r["kind"] == "eval"][-1]
-        assert last_eval["eval_count"] == 1000 and round(last_eval["eval_top1"], 4) == float(row["top1"])
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], float(r["lr_factor"])) for r in rows) == [("lars", f) for f in (0.5, 1.0, 2.0)]
+    classes = sorted(p.name for p in (cifar10_small / "train").iterdir())
+    train_files = {f"{p.parent.name}/{p.name}" for p in (cifar10_small / "train").glob("*/*.jpg")}
+    splits = []
+    for row in rows:
+        name = f"{row['method']}_b64_lr{float(row['lr']):g}"
+        records, workdir = read_jsonl(out / "logs" / name / "metrics.jsonl"), out / "runs" / name
+        # The command is exactly a configs/ variant, and the run's config is that variant's.
+        rule = 2.0 * (64 / 1024) ** 0.5
+        assert float(row["lr"]) == pytest.approx(rule * float(row["lr_factor"]), rel=1e-3)
+        lr = f"{float(row['lr']):g}"
+        assert row["config"] == (
+            f"configs/cifar10_study.py:method={row['method']},batch=64,lr={lr},validation=100,steps=6,"
+            f"data_dir={cifar10_small}"
+        )
+        assert json.loads((workdir / "config.json").read_text()) == json.loads(
+            cifar10_study.get_config(row["config"].split(":", 1)[1]).to_json()
+        )
+        # The row is what the run's records say.
+        validation = [r for r in records if r["kind"] == "eval" and r["split"] == "validation"]
+        test = [r for r in records if r["kind"] == "eval" and r["split"] == "test"]
+        assert [r["step"] for r in validation] == [1, 2, 3, 4, 5, 6] and all(r["eval_count"] == 100 for r in validation)
+        reached = [r["step"] for r in validation if r["eval_top1"] >= 0.15]
+        assert row["steps_to_target"] == (str(reached[0]) if reached else "")
+        assert float(row["final_validation_top1"]) == round(validation[-1]["eval_top1"], 4)
+        # The test images are read once, after the last step, and choose nothing.
+        assert len(test) == 1 and test[0]["step"] == 6 and test[0]["eval_count"] == 1000
+        assert records.index(test[0]) == len(records) - 1
+        assert float(row["test_top1"]) == round(test[0]["eval_top1"], 4)
+        # The validation split: 10 per class, disjoint from the training images, the same in every run.
+        split = json.loads((workdir / "data_split.json").read_text())
+        assert sorted({n.split("/")[0] for n in split["validation"]}) == classes
+        assert all(sum(n.startswith(c + "/") for n in split["validation"]) == 10 for c in classes)
+        assert not set(split["validation"]) & set(split["train"])
+        assert set(split["validation"]) | set(split["train"]) == train_files and len(split["train"]) == 1900
+        splits.append(split["validation"])
+    assert all(s == splits[0] for s in splits) and len({r["validation_split"] for r in rows}) == 1
 
+    # The chosen run per cell: the fewest steps to target, recomputed from the curves.
     text = page.read_text()
+    firsts = {r["lr"]: int(r["steps_to_target"]) for r in rows if r["steps_to_target"]}
+    if firsts:
+        fewest = min(firsts.values())
+        assert any(f"| {fewest} ({lr})" in text for lr, s in firsts.items() if s == fewest), text
+    best = max(rows, key=lambda r: float(r["final_validation_top1"]))
+    assert f"{100 * float(best['test_top1']):.1f} ({100 * float(best['final_validation_top1']):.1f}" in text
     assert "old table" not in text and text.endswith("after\n")
-    sgd_64 = rows[("sgd", 64)]
-    assert f"| 64 | {100 * float(sgd_64['top1']):.1f} (3) |" in text
-    for name in ("accuracy.png", "trust_ratios.png"):
-        image = matplotlib.image.imread(out / name)
-        assert image.shape[:2] == (600, 1000) and image.std() > 0
+    for image in ("steps_to_target.png", "accuracy.png", "trust_ratios.png"):
+        assert matplotlib.image.imread(out / image).std() > 0
 
-    # Resumable: a second call finds every run in results.csv, even with the checkpoints gone, and trains nothing.
-    for checkpoints in (out / "runs").glob("*/checkpoints"):
+    # Interrupted sweep: a run without a row (its checkpoints kept) and finished runs without
+    # checkpoints. The next call trains nothing: the first resumes at its last step.
+    with open(out / "results.csv") as f:
+        lines = f.readlines()
+    (out / "results.csv").write_text("".join(lines[:-1]))
+    for checkpoints in sorted((out / "runs").glob("*/checkpoints"))[:-1]:
         subprocess.run(["rm", "-r", str(checkpoints)], check=True)
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    assert done.stdout.count("[study]") == 1
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == stamps
+    with open(out / "results.csv") as f:
+        assert [r["test_top1"] for r in csv.DictReader(f)] == [r["test_top1"] for r in rows]
 
 
 def test_study_rejects_unknown_method_before_writing(tmp_path):

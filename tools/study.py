@@ -1,29 +1,38 @@
-"""The batch-size study: momentum SGD with linear LR scaling against LARS, on the CIFAR-10 JPEGs.
+"""The batch-size study: LARS against momentum SGD with linear scaling, each with its own learning rates.
 
-    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --out docs/study --page docs/study.md
+    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --page docs/study.md
 
-Trains `--model` for a fixed epoch budget at every batch size of `--batches`
-with configs/cifar10_sgd.py (momentum SGD, LR 0.1 x B/128, warmup, x0.1 steps at
-50% and 75% of the budget) and configs/cifar10_lars.py (LARS, LR 2 x sqrt(B/1024),
-warmup, poly(2) decay), each run through main.py into OUT/runs/<method>_b<batch>.
+Every run is one cell of configs/cifar10_study.py, run as
+`python main.py --config=configs/cifar10_study.py:<variant> --workdir=OUT/runs/<run>`
+with no overrides. For each method and batch size it sweeps the peak
+learning rate over the method's scaling rule x 1/2, 1, 2 (`--lr_factors`); when
+the best sits at an edge, the sweep goes one factor of 2 further that way
+(`--extend` times). Two views of the same runs (Shallue et al. 2018, arXiv:1811.03600):
+
+  steps to target   the fewest steps, over the sweep, at which validation top-1
+                    first reaches --target (evaluated 16 times per run)
+  fixed budget      validation top-1 after the budget, best over the sweep, and
+                    that run's test top-1 (the test images are evaluated once,
+                    after the last step, and choose nothing)
 
 Resumable: run the same command again. A run with a row in OUT/results.csv is
-skipped (the CSV and logs are committed, so this holds across machines); an
-interrupted one resumes from its last checkpoint in OUT/runs (every epoch;
-checkpoints stay out of git).
+skipped (the CSV and logs are committed after every run); an interrupted one
+resumes from its last checkpoint in OUT/runs (every epoch; not committed).
 
 Writes:
-  OUT/results.csv          one row per finished run: method, batch, top-1, ...
-  OUT/logs/<run>/          its metrics.jsonl, trust_ratios.jsonl (~100 records) and config.json
-  OUT/accuracy.png         test top-1 against batch size, one line per method
-  OUT/trust_ratios.png     LARS per-layer trust ratios over training, smallest vs largest batch
-  PAGE                     the table between the study markers (--page, e.g. docs/study.md)
+  OUT/results.csv          one row per finished run
+  OUT/logs/<run>/          its metrics.jsonl, trust_ratios.jsonl and config.json
+  OUT/steps_to_target.png  steps to target against batch size, log-log, with perfect scaling
+  OUT/accuracy.png         test top-1 at the fixed budget against batch size
+  OUT/trust_ratios.png     LARS per-layer trust ratios, smallest vs largest batch
+  PAGE                     the two tables between the study markers (--page)
 """
 
 import argparse
 import csv
+import hashlib
 import json
-import os
+import math
 import pathlib
 import shutil
 import subprocess
@@ -36,82 +45,99 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import cifar10_study  # noqa: E402
 from tools import cifar_data, plot_trust_ratios  # noqa: E402
 from tools.markdown import replace_section  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METHODS = {"sgd": "momentum SGD, linear LR scaling", "lars": "LARS, poly decay"}
-CSV_FIELDS = ["method", "batch", "model", "epochs", "steps", "peak_lr", "top1", "top5", "final_train_loss", "wall_s"]
+CONFIG = "configs/cifar10_study.py"
+METHODS = {
+    "sgd": "momentum SGD, linear scaling",
+    "lars": "LARS",
+    "nesterov": "Nesterov momentum, linear scaling",
+}
+CSV_FIELDS = [
+    "method", "batch", "lr", "lr_factor", "epochs", "steps", "steps_to_target", "target",
+    "final_validation_top1", "test_top1", "test_top5", "final_train_loss", "validation_split", "config", "wall_s",
+]  # fmt: skip
 
 
-def run_name(method: str, batch: int) -> str:
-    return f"{method}_b{batch}"
+def lr_of(method: str, batch: int, factor: float) -> float:
+    """The sweep's learning rate: the method's scaling rule times a power of 2, to 4 significant digits."""
+    return float(f"{cifar10_study.scaled_lr(method, batch) * factor:.4g}")
 
 
-def main_command(method: str, batch: int, workdir, data_dir, args) -> list[str]:
-    """The main.py command line of one cell: the configs/ file and the study's budget."""
-    num_train = sum(1 for _ in pathlib.Path(data_dir, "train").glob("*/*.jpg"))
-    total_steps = args.steps or int(args.epochs * num_train / batch)
-    command = [
-        sys.executable, "main.py",
-        f"--config=configs/cifar10_{method}.py:{batch}",
-        f"--workdir={workdir}",
-        f"--config.data_dir={data_dir}",
-        f"--config.model={args.model}",
-        f"--config.num_epochs={args.epochs}",
-        f"--config.warmup_epochs={args.warmup * args.epochs}",
-        f"--config.eval_batch_size={args.eval_batch}",
-        "--config.eval_every_epochs=1000",  # once, at the end
-        "--config.checkpoint_every_epochs=1",
-        "--config.log_every_steps=5",
-        f"--config.trust_ratio_every_steps={max(1, total_steps // 100)}",
-        # BatchNorm over ghost batches of the same size in every cell (as the paper's workers
-        # each normalised their own fixed share), and at most 256 images per device per
-        # micro-step: larger ones run slower per image here (cache), 426 vs 888 img/s at 4,096.
-        f"--config.bn_group={args.bn_group}",
-        f"--config.microbatch_size={min(args.micro, batch // args.num_cpu_devices)}",
-        f"--num_cpu_devices={args.num_cpu_devices}",
-    ]  # fmt: skip
-    if method == "sgd":
-        command.append(f"--config.lr_decay_epochs=({0.5 * args.epochs},{0.75 * args.epochs})")
-    else:
-        command.append(f"--config.trust_coefficient={args.trust_coefficient}")
+def run_name(method: str, batch: int, lr: float) -> str:
+    return f"{method}_b{batch}_lr{lr:g}"
+
+
+def variant(method: str, batch: int, lr: float, args) -> str:
+    """The configs/cifar10_study.py variant of one run: only what the study's flags change."""
+    values = {"method": method, "batch": batch, "lr": f"{lr:g}"}
+    if args.epochs != cifar10_study.EPOCHS:
+        values["epochs"] = f"{args.epochs:g}"
+    if args.validation != cifar10_study.VALIDATION_IMAGES:
+        values["validation"] = args.validation
     if args.steps:
-        command.append(f"--config.num_train_steps={args.steps}")
-    return command
+        values["steps"] = args.steps
+    if args.data_dir:
+        values["data_dir"] = args.data_dir
+    return cifar10_study.variant_string(**values)
 
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
 
 
-def run_cell(method: str, batch: int, data_dir, args) -> dict:
-    """Trains one cell (or resumes it) and returns its row of results.csv."""
-    workdir = pathlib.Path(args.out) / "runs" / run_name(method, batch)
+def steps_to_target(records: list[dict], target: float) -> int | None:
+    """The first step whose validation top-1 reaches target, or None."""
+    for record in records:
+        if record["kind"] == "eval" and record["split"] == "validation" and record["eval_top1"] >= target:
+            return record["step"]
+    return None
+
+
+def split_digest(workdir) -> str:
+    """A short hash of the held-out file names: the same in every row, or the cells differ in their data."""
+    names = json.loads((pathlib.Path(workdir) / "data_split.json").read_text())["validation"]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+
+
+def run_cell(method: str, batch: int, factor: float, args) -> dict:
+    """Trains one run (or resumes it) through main.py and returns its row of results.csv."""
+    lr = lr_of(method, batch, factor)
+    name = run_name(method, batch, lr)
+    workdir = pathlib.Path(args.out) / "runs" / name
+    config = f"{CONFIG}:{variant(method, batch, lr, args)}"
+    command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}"]
+    print(f"[study] {name}: {' '.join(command[1:])}", flush=True)
     start = time.time()
-    command = main_command(method, batch, workdir, data_dir, args)
-    print(f"[study] {run_name(method, batch)}: {' '.join(command)}")
-    subprocess.run(command, cwd=REPO, check=True)
+    if subprocess.run(command, cwd=REPO).returncode:
+        raise SystemExit(f"error: run {name} failed (its output is above); run the study again to resume.")
     records = read_jsonl(workdir / "metrics.jsonl")
-    last_eval = [r for r in records if r["kind"] == "eval"][-1]
+    final = {r["split"]: r for r in records if r["kind"] == "eval"}  # the last of each split
     last_train = [r for r in records if r["kind"] == "train"][-1]
-    config = json.loads((workdir / "config.json").read_text())
     row = {
         "method": method,
         "batch": batch,
-        "model": args.model,
+        "lr": lr,
+        "lr_factor": factor,
         "epochs": args.epochs,
-        "steps": last_eval["step"],
-        "peak_lr": round(config["learning_rate"], 6),
-        "top1": round(last_eval["eval_top1"], 4),
-        "top5": round(last_eval["eval_top5"], 4),
+        "steps": final["test"]["step"],
+        "steps_to_target": steps_to_target(records, args.target) or "",
+        "target": args.target,
+        "final_validation_top1": round(final["validation"]["eval_top1"], 4),
+        "test_top1": round(final["test"]["eval_top1"], 4),
+        "test_top5": round(final["test"]["eval_top5"], 4),
         "final_train_loss": round(last_train["loss"], 4),
+        "validation_split": split_digest(workdir),
+        "config": config,
         "wall_s": round(time.time() - start),  # of the last invocation only, when resumed
     }
-    logs = pathlib.Path(args.out) / "logs" / run_name(method, batch)
+    logs = pathlib.Path(args.out) / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "trust_ratios.jsonl", "config.json"):
-        shutil.copy(workdir / name, logs / name)
+    for file in ("metrics.jsonl", "trust_ratios.jsonl", "config.json"):
+        shutil.copy(workdir / file, logs / file)
     return row
 
 
@@ -119,49 +145,131 @@ def write_csv(rows: list[dict], path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["method"], int(r["batch"]))))
+        writer.writerows(sorted(rows, key=lambda r: (r["method"], int(r["batch"]), float(r["lr"]))))
 
 
 def read_csv(path) -> list[dict]:
+    if not pathlib.Path(path).exists():
+        return []
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Batch x method, test top-1 (%), from results.csv rows."""
-    batches = sorted({int(r["batch"]) for r in rows})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    cell = {(r["method"], int(r["batch"])): r for r in rows}
-    lines = [
-        "| batch | " + " | ".join(f"{METHODS[m]}: top-1 % (steps)" for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
+def cell_rows(rows: list[dict], method: str, batch: int) -> list[dict]:
+    return sorted((r for r in rows if r["method"] == method and int(r["batch"]) == batch), key=lambda r: float(r["lr"]))
+
+
+def fewest_steps(rows: list[dict]) -> dict | None:
+    """The run of a cell that reached the target in the fewest steps (ties: the higher final validation top-1)."""
+    reached = [r for r in rows if r["steps_to_target"] not in ("", None)]
+    return min(reached, key=lambda r: (int(r["steps_to_target"]), -float(r["final_validation_top1"])), default=None)
+
+
+def best_at_budget(rows: list[dict]) -> dict | None:
+    """The run of a cell with the best final validation top-1 (the test set chooses nothing)."""
+    return max(rows, key=lambda r: float(r["final_validation_top1"]), default=None)
+
+
+def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | None:
+    """The next learning-rate factor to run in a cell: the grid first, then one step past an edge that won."""
+    done = {float(r["lr_factor"]) for r in rows}
+    for factor in factors:
+        if factor not in done:
+            return factor
+    ordered = sorted(done)
+    if len(ordered) - len(factors) >= extend:
+        return None
+    best = fewest_steps(rows) or best_at_budget(rows)
+    if float(best["lr_factor"]) == ordered[0]:
+        return ordered[0] / 2
+    if float(best["lr_factor"]) == ordered[-1]:
+        return ordered[-1] * 2
+    return None
+
+
+def batch_by_method_table(rows: list[dict], methods, batches, heading: str, cell_text) -> str:
+    """A Markdown table, a row per batch and a column per method; cell_text(runs of the cell) -> text."""
+    lines = ["| batch | " + " | ".join(f"{METHODS[m]}: {heading}" for m in methods) + " |"]
+    lines.append("|---|" + "---|" * len(methods))
     for batch in batches:
-        values = []
-        for method in methods:
-            row = cell.get((method, batch))
-            values.append(f"{100 * float(row['top1']):.1f} ({row['steps']})" if row else "not run yet")
+        values = [cell_text(cell_rows(rows, m, batch)) or "not run yet" for m in methods]
         lines.append(f"| {batch} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def update_page(page, rows: list[dict], csv_path):
-    """The study section of a Markdown page: the table of rows and where it comes from."""
-    first = rows[0] if rows else {}
-    note = f"\n\n_{first.get('model', '')}, {first.get('epochs', '')} epochs; from `{csv_path}`._" if rows else ""
-    replace_section(page, "study", markdown_table(rows) + note)
+def steps_text(cell: list[dict]) -> str:
+    best = fewest_steps(cell)
+    if not cell:
+        return ""
+    if best is None:
+        return f"not reached in {cell[0]['steps']} ({len(cell)} LRs)"
+    return f"{best['steps_to_target']} ({best['lr']})"
 
 
-def plot_accuracy(rows: list[dict], path):
+def budget_text(cell: list[dict]) -> str:
+    best = best_at_budget(cell)
+    if best is None:
+        return ""
+    test, validation = 100 * float(best["test_top1"]), 100 * float(best["final_validation_top1"])
+    return f"{test:.1f} ({validation:.1f}, {best['lr']}, {best['steps']})"
+
+
+def steps_table(rows: list[dict], methods, batches) -> str:
+    return batch_by_method_table(rows, methods, batches, "steps (LR)", steps_text)
+
+
+def budget_table(rows: list[dict], methods, batches) -> str:
+    return batch_by_method_table(rows, methods, batches, "test top-1 % (validation %, LR, steps)", budget_text)
+
+
+def update_page(page, rows: list[dict], methods, batches, args, csv_path):
+    """The study section of a Markdown page: both tables and where they come from."""
+    target = f"{100 * args.target:g}%"
+    text = (
+        f"Steps to {target} validation top-1 (fewest over the learning-rate sweep; LR of that run):\n\n"
+        + steps_table(rows, methods, batches)
+        + f"\n\nTest top-1 after {budget(args)} (the run with the best final validation top-1):\n\n"
+        + budget_table(rows, methods, batches)
+        + f"\n\n_{len(rows)} runs, from `{csv_path}`._"
+    )
+    replace_section(page, "study", text)
+
+
+def plot_steps_to_target(rows, methods, batches, target, path):
     fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
-    for method, label in METHODS.items():
-        points = sorted((int(r["batch"]), 100 * float(r["top1"])) for r in rows if r["method"] == method)
+    for method in methods:
+        points = [(b, fewest_steps(cell_rows(rows, method, b))) for b in batches]
+        points = [(b, int(r["steps_to_target"])) for b, r in points if r]
         if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot(*zip(*points), marker="o", label=METHODS[method])
+            b0, s0 = points[0]
+            ax.plot(batches, [s0 * b0 / b for b in batches], ls=":", color=ax.lines[-1].get_color(), lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel(f"steps to {100 * target:g}% validation top-1")
+    ax.set_title("CIFAR-10: steps to target (dotted: perfect scaling from the smallest batch)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def budget(args) -> str:
+    return f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs"
+
+
+def plot_accuracy(rows, methods, batches, budget_label, path):
+    fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
+    for method in methods:
+        points = [(b, best_at_budget(cell_rows(rows, method, b))) for b in batches]
+        points = [(b, 100 * float(r["test_top1"])) for b, r in points if r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=METHODS[method])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("CIFAR-10, fixed epoch budget: accuracy against batch size")
+    ax.set_title(f"CIFAR-10, {budget_label}: test top-1 of the best run by validation")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(path)
@@ -190,52 +298,54 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/study", help="results, plots and run workdirs")
     parser.add_argument("--data_dir", default="", help="CIFAR-10 image folder (default: extract the shared archive)")
-    parser.add_argument("--batches", default="128,256,512,1024,2048,4096,8192")
+    parser.add_argument("--batches", default="128,512,2048,8192")
     parser.add_argument("--methods", default="sgd,lars")
-    parser.add_argument("--model", default="cifar_resnet8")
-    parser.add_argument("--epochs", type=float, default=6.0)
-    parser.add_argument("--bn_group", type=int, default=64, help="BatchNorm ghost-batch size, every cell")
-    parser.add_argument("--micro", type=int, default=256, help="largest micro-batch per device")
-    parser.add_argument("--warmup", type=float, default=0.2, help="warmup as a fraction of the epochs")
-    parser.add_argument(
-        "--trust_coefficient",
-        type=float,
-        default=0.01,
-        help="LARS eta (configs/cifar10_lars.py has 1e-3; 0.01 trained the small CIFAR ResNets faster here)",
-    )
-    parser.add_argument("--eval_batch", type=int, default=1000)
+    parser.add_argument("--lr_factors", default="0.5,1,2", help="the sweep, as multiples of each method's rule")
+    parser.add_argument("--extend", type=int, default=1, help="extra LRs per cell past an edge that won")
+    parser.add_argument("--target", type=float, default=0.70, help="validation top-1 of the steps-to-target view")
+    parser.add_argument("--epochs", type=float, default=cifar10_study.EPOCHS)
+    parser.add_argument("--validation", type=int, default=cifar10_study.VALIDATION_IMAGES)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
-    parser.add_argument("--num_cpu_devices", type=int, default=os.cpu_count())
-    parser.add_argument("--page", default="", help="Markdown page whose study section gets the table")
+    parser.add_argument("--page", default="", help="Markdown page whose study section gets the tables")
     return parser.parse_args(argv)
+
+
+def check_args(args) -> tuple[list[str], list[int], list[float]]:
+    methods, batches = args.methods.split(","), [int(b) for b in args.batches.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    factors = [float(f) for f in args.lr_factors.split(",")]
+    if any(f <= 0 or not math.log2(f).is_integer() for f in factors):
+        raise SystemExit(f"error: --lr_factors={args.lr_factors}: use powers of 2 (e.g. 0.5,1,2).")
+    return methods, batches, factors
 
 
 def main(argv=None):
     args = parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    methods, batches, factors = check_args(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = args.data_dir or cifar_data.extract()
+    if not args.data_dir:
+        cifar_data.extract()  # where configs/cifar10_study.py looks by default
     csv_path = out / "results.csv"
-    rows = read_csv(csv_path) if csv_path.exists() else []
+    rows = read_csv(csv_path)
     for batch in batches:
         for method in methods:
-            if not any(r["method"] == method and int(r["batch"]) == batch for r in rows):
-                rows.append(run_cell(method, batch, data_dir, args))
-                write_csv(rows, csv_path)  # after every cell, so an interruption keeps it
-    rows = read_csv(csv_path)  # what README and plots show is what the CSV holds
-    plot_accuracy(rows, out / "accuracy.png")
+            while (factor := next_factor(cell_rows(rows, method, batch), factors, args.extend)) is not None:
+                rows.append(run_cell(method, batch, factor, args))
+                write_csv(rows, csv_path)  # after every run, so an interruption keeps it
+                rows = read_csv(csv_path)
+    plot_steps_to_target(rows, methods, batches, args.target, out / "steps_to_target.png")
+    plot_accuracy(rows, methods, batches, budget(args), out / "accuracy.png")
     if "lars" in methods:
-        logs = out / "logs"
-        small, large = run_name("lars", min(batches)), run_name("lars", max(batches))
-        plot_trust_ratio_comparison(logs / small, logs / large, out / "trust_ratios.png")
+        small, large = (best_at_budget(cell_rows(rows, "lars", b)) for b in (min(batches), max(batches)))
+        names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
+        plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
     if args.page:
-        update_page(args.page, rows, csv_path)
-    print(markdown_table(rows))
+        update_page(args.page, rows, methods, batches, args, csv_path)
+    print(steps_table(rows, methods, batches))
+    print(budget_table(rows, methods, batches))
     return rows
 
 
