@@ -189,7 +189,11 @@ def main(argv):
     try:
         jax = start_jax()
     except cluster.ClusterError as e:
-        return fail(str(e), EXIT_RUNTIME)
+        code = fail(str(e), EXIT_RUNTIME)
+        # Every process met the same error (check_reachable shares the results): leave
+        # together, so that none aborts in jax's shutdown because the coordinator went first.
+        cluster.leave_together(timeout=FLAGS.heartbeat_timeout)
+        return code
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 speaks for all
     code = train_in(jax, FLAGS.config, FLAGS.workdir)
