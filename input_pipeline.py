@@ -80,7 +80,6 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     filename_key: str | None
-    num_validation: int = 0  # training images held out for validation (create's validation_images)
 
 
 # --------------------------------------------------------------------------
@@ -716,14 +715,14 @@ class SyntheticData:
     local_eval_batch: int
     image_size: int
     seed: int
+    # As Data's: one evaluation set, the same during and after training; nothing held out.
+    periodic_eval_split = "validation"
+    final_eval_splits = ("validation",)
+    holdout = None
 
     @property
     def train_count(self) -> int:
         return self.info.num_train
-
-    periodic_eval_split = "validation"
-    final_eval_splits = ("validation",)
-    holdout = None
 
     def num_eval_batches(self, split: str | None = None) -> int:
         return 1
@@ -834,7 +833,7 @@ def create(
         if validation_images >= info.num_train:
             raise ValueError(f"validation_images={validation_images} leaves no training images of {info.num_train}.")
         held = holdout(builder, info, validation_images, validation_seed)
-        info = dataclasses.replace(info, num_train=len(held.train), num_validation=len(held.validation))
+        info = dataclasses.replace(info, num_train=len(held.train))
         validation = positions_share(builder, info.train_split, held.validation, process_index, process_count)
         eval_sets["validation"] = EvalSet(*validation)
     per_process = num_shards // process_count
