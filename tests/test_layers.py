@@ -10,6 +10,8 @@ blocking or instruction set, so on every CPU. bfloat16 inputs are rounded
 before the float64 reference is taken, so only the computation is measured.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -142,6 +144,14 @@ def test_materialize_is_the_identity_unless_poisoned():
 NETWORKS = [("cifar_resnet8", 32, {}), ("cifar_alexnet_bn", 32, dict(dropout_rate=0.0))]
 
 
+@functools.cache
+def initial_variables(name: str, size: int, kwargs_items: tuple) -> dict:
+    """The network's initial variables, made once per network: XLA takes ~20 s to compile an init on
+    2 cores (its many truncated-normal initialisers), and the tests below start from the same one."""
+    model = models.create(name, 10, conv_impl="lax", **dict(kwargs_items))
+    return model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+
+
 def network_loss(name, kwargs, variables, images, labels, impl, dtype=jnp.float32):
     def loss(params):
         model = models.create(name, 10, conv_impl=impl, dtype=dtype, **kwargs)
@@ -181,7 +191,7 @@ def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, 
     rng = np.random.default_rng(3)
     images = rng.standard_normal((8, size, size, 3)).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, 10, 8))
-    variables = models.create(name, 10, conv_impl="lax", **kwargs).init(jax.random.key(0), images[:1], train=False)
+    variables = initial_variables(name, size, tuple(kwargs.items()))
     want_loss, want, moved = float64_gradients(name, kwargs, variables, images, labels, U32)
     got_loss, got = network_loss(name, kwargs, variables, jnp.asarray(images), labels, impl)
     assert abs(float(got_loss) - want_loss) <= 2**8 * U32 * abs(want_loss)
@@ -201,13 +211,12 @@ def test_network_bfloat16_within_rounding_of_float64(name, size, kwargs):
     rng = np.random.default_rng(3)
     images = rng.standard_normal((8, size, size, 3)).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, 10, 8))
-    variables = models.create(name, 10, conv_impl="lax", **kwargs).init(jax.random.key(0), images[:1], train=False)
+    variables = initial_variables(name, size, tuple(kwargs.items()))
     if not onednn.bfloat16_supported():
         # No bfloat16 kernels on this CPU (e.g. AVX2 only): a clear error, not a silent fallback.
+        model = models.create(name, 10, conv_impl="onednn", dtype=jnp.bfloat16, **kwargs)
         with pytest.raises(jax.errors.JaxRuntimeError, match="oneDNN has no convolution for this shape and dtype"):
-            jax.block_until_ready(
-                network_loss(name, kwargs, variables, jnp.asarray(images), labels, "onednn", jnp.bfloat16)
-            )
+            jax.block_until_ready(model.apply(variables, jnp.asarray(images), train=True, mutable=["batch_stats"]))
         return
     want_loss, want, moved = float64_gradients(name, kwargs, variables, images, labels, U_BF16)
     got_loss, got = network_loss(name, kwargs, variables, jnp.asarray(images), labels, "onednn", jnp.bfloat16)
@@ -231,7 +240,7 @@ def test_resnet50_reduced_width_gradient_close_to_float64(impl):
     rng = np.random.default_rng(3)
     images = rng.standard_normal((8, size, size, 3)).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, 10, 8))
-    variables = models.create(name, 10, conv_impl="lax", **kwargs).init(jax.random.key(0), images[:1], train=False)
+    variables = initial_variables(name, size, tuple(kwargs.items()))
     want_loss, want, _ = float64_gradients(name, kwargs, variables, images, labels, U32, seeds=())
     got_loss, got = network_loss(name, kwargs, variables, jnp.asarray(images), labels, impl)
     assert abs(float(got_loss) - want_loss) <= 2**8 * U32 * abs(want_loss)
