@@ -18,6 +18,7 @@ the best sits at an edge, the sweep goes one factor of 2 further that way
 Resumable: run the same command again. A run with a row in OUT/results.csv is
 skipped (the CSV and logs are committed after every run); an interrupted one
 resumes from its last checkpoint in OUT/runs (every epoch; not committed).
+`--report` starts no run: it writes the plots and tables of the runs so far.
 
 Writes:
   OUT/results.csv          one row per finished run
@@ -294,6 +295,31 @@ def plot_trust_ratio_comparison(small_workdir, large_workdir, path):
     plt.close(fig)
 
 
+def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
+    """Runs every cell's missing learning rates, a row added to the CSV after each run."""
+    for batch in batches:
+        for method in methods:
+            while (factor := next_factor(cell_rows(rows, method, batch), factors, args.extend)) is not None:
+                rows.append(run_cell(method, batch, factor, args))
+                write_csv(rows, csv_path)  # after every run, so an interruption keeps it
+                rows = read_csv(csv_path)
+    return rows
+
+
+def report(rows, methods, batches, args, out, csv_path):
+    """The plots, the page's tables and the printed tables from the runs so far (cells not run yet show so)."""
+    plot_steps_to_target(rows, methods, batches, args.target, out / "steps_to_target.png")
+    plot_accuracy(rows, methods, batches, budget(args), out / "accuracy.png")
+    small, large = (best_at_budget(cell_rows(rows, "lars", b)) for b in (min(batches), max(batches)))
+    if "lars" in methods and small and large:
+        names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
+        plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
+    if args.page:
+        update_page(args.page, rows, methods, batches, args, csv_path)
+    print(steps_table(rows, methods, batches))
+    print(budget_table(rows, methods, batches))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/study", help="results, plots and run workdirs")
@@ -306,6 +332,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=float, default=cifar10_study.EPOCHS)
     parser.add_argument("--validation", type=int, default=cifar10_study.VALIDATION_IMAGES)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
+    parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
     parser.add_argument("--page", default="", help="Markdown page whose study section gets the tables")
     return parser.parse_args(argv)
 
@@ -326,26 +353,13 @@ def main(argv=None):
     methods, batches, factors = check_args(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.data_dir:
-        cifar_data.extract()  # where configs/cifar10_study.py looks by default
     csv_path = out / "results.csv"
     rows = read_csv(csv_path)
-    for batch in batches:
-        for method in methods:
-            while (factor := next_factor(cell_rows(rows, method, batch), factors, args.extend)) is not None:
-                rows.append(run_cell(method, batch, factor, args))
-                write_csv(rows, csv_path)  # after every run, so an interruption keeps it
-                rows = read_csv(csv_path)
-    plot_steps_to_target(rows, methods, batches, args.target, out / "steps_to_target.png")
-    plot_accuracy(rows, methods, batches, budget(args), out / "accuracy.png")
-    if "lars" in methods:
-        small, large = (best_at_budget(cell_rows(rows, "lars", b)) for b in (min(batches), max(batches)))
-        names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
-        plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
-    if args.page:
-        update_page(args.page, rows, methods, batches, args, csv_path)
-    print(steps_table(rows, methods, batches))
-    print(budget_table(rows, methods, batches))
+    if not args.report:
+        if not args.data_dir:
+            cifar_data.extract()  # where configs/cifar10_study.py looks by default
+        rows = sweep(rows, methods, batches, factors, args, csv_path)
+    report(rows, methods, batches, args, out, csv_path)
     return rows
 
 
