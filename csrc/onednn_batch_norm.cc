@@ -101,6 +101,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
   try {
     const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
     auto& engine = Engine();
+    largebatch::CoreLease cores(threads);
     if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);
@@ -138,6 +139,7 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
   try {
     const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
     auto& engine = Engine();
+    largebatch::CoreLease cores(threads);
     if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);

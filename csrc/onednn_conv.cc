@@ -171,6 +171,7 @@ ffi::Error Run(Kind kind, const Shape& shape, void* src, void* user_weights, voi
   try {
     const Plan& plan = GetPlan(kind, shape);
     auto& engine = Engine();
+    largebatch::CoreLease cores(threads);
     if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     dnnl::memory user(plan.user_weights, engine, user_weights);

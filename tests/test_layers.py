@@ -11,6 +11,10 @@ before the float64 reference is taken, so only the computation is measured.
 """
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,8 @@ from jax import lax
 
 import models
 from models import layers, onednn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 U32, U_BF16 = 2.0**-24, 2.0**-8
 IMPLS = layers.CONV_IMPLS
@@ -122,6 +128,58 @@ def test_onednn_rejects_what_it_does_not_handle():
     with pytest.raises(ValueError, match="Unknown conv_impl 'mkl'"):
         layers.conv_impl_for_backend("mkl", "cpu")
     assert layers.conv_impl_for_backend("onednn", "gpu") == "lax"  # never the oneDNN path off CPU
+
+
+# Eight independent convolutions of one input and their gradients, repeated: XLA is free to run the
+# calls side by side. Run in a subprocess: oneDNN reads ONEDNN_VERBOSE when it loads.
+CONCURRENT_CALLS = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from models import onednn
+devices = int(sys.argv[1])
+mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+x = jax.device_put(jnp.ones((64, 16, 16, 32)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+kernels = [jnp.full((3, 3, 32, 32), 0.01 * i) for i in range(8)]
+def loss(x, kernels):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return sum(jnp.tanh(onednn.conv2d(x, k, (1, 1), (1, 1, 1, 1))).sum() for k in kernels)
+step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+for _ in range(20):
+    jax.block_until_ready(step(x, kernels))
+print("threads", onednn.threads_per_device())
+"""
+
+
+def most_calls_at_once(verbose_log: str) -> tuple[int, int]:
+    """(executions, most running at one time) from ONEDNN_VERBOSE=profile_exec lines with timestamps
+    ("onednn_verbose,<start ms>,exec,...,<duration ms>")."""
+    events = []
+    for line in verbose_log.splitlines():
+        fields = line.split(",")
+        if len(fields) > 4 and fields[0] == "onednn_verbose" and fields[2] == "exec":
+            start = float(fields[1])
+            events += [(start + float(fields[-1]), -1), (start, +1)]  # an end sorts before a start at one time
+    running, most = 0, 0
+    for _, change in sorted(events):
+        running += change
+        most = max(most, running)
+    return len(events) // 2, most
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_concurrent_onednn_calls_never_take_more_than_the_cores(devices):
+    """XLA runs independent calls at once; each takes its device's share of the cores, so one device's
+    calls run one at a time (two at once oversubscribe the cores: several-fold slower on a 16-core CPU)
+    and no more calls run together than the cores hold."""
+    env = dict(os.environ, ONEDNN_VERBOSE="profile_exec", ONEDNN_VERBOSE_TIMESTAMP="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", CONCURRENT_CALLS, str(devices)], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    threads = int(out.split("threads ")[1].split()[0])
+    executions, most = most_calls_at_once(out)
+    assert executions >= 20 * 3 * 8 * devices  # forward, backward data and weights per convolution and shard
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    assert most <= cores // threads, (most, threads)  # 1 for one device
 
 
 def test_materialize_is_the_identity_unless_poisoned():
