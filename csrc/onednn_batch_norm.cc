@@ -10,8 +10,6 @@
 // mean and var are [N / group, C]; dscale and dshift are summed over groups.
 // Attributes: group, epsilon, threads (OpenMP threads for this call).
 
-#include <omp.h>
-
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -102,7 +100,6 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
     const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
-    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);
     dnnl::memory scale_memory(plan.channels, engine, scale.typed_data());
@@ -140,7 +137,6 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
     const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
-    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);
     dnnl::memory scale_memory(plan.channels, engine, scale.typed_data());

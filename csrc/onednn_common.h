@@ -3,6 +3,7 @@
 #ifndef LARGEBATCH_ONEDNN_COMMON_H_
 #define LARGEBATCH_ONEDNN_COMMON_H_
 
+#include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -51,46 +52,41 @@ inline int ProcessCores() {
   return sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? std::max(1, CPU_COUNT(&cpus)) : 1;
 }
 
-// Holds `threads` of the process's cores while one call runs. XLA runs
-// independent thunks at once (a layer's backward-data and backward-weights
-// calls, say); two calls that each take every core run several times slower
-// than one after the other (measured with ONEDNN_VERBOSE on a 16-core AMX CPU:
-// one bf16 backward-weights call took 1.6 ms alone and 440 ms beside another).
-// Calls on several XLA devices, each given its share of the cores, still run
-// side by side.
+// Holds `threads` of the process's cores while one call runs, and sets the
+// calling thread's OpenMP team to that size. XLA runs independent thunks at
+// once (a layer's backward-data and backward-weights calls, say); two calls
+// that each take every core run several times slower than one after the other
+// (measured with ONEDNN_VERBOSE on a 16-core AMX CPU: one bf16 backward-weights
+// call took 1.6 ms alone and 440 ms beside another). Calls on several XLA
+// devices, each given its share of the cores, still run side by side.
 class CoreLease {
  public:
-  explicit CoreLease(int64_t threads) : held_(static_cast<int>(std::clamp<int64_t>(threads, 1, Total()))) {
-    std::unique_lock<std::mutex> lock(Mutex());
-    Freed().wait(lock, [this] { return Free() >= held_; });
-    Free() -= held_;
+  explicit CoreLease(int64_t threads) : held_(static_cast<int>(std::clamp<int64_t>(threads, 1, Cores().total))) {
+    std::unique_lock<std::mutex> lock(Cores().mutex);
+    Cores().freed.wait(lock, [this] { return Cores().free >= held_; });
+    Cores().free -= held_;
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   }
   ~CoreLease() {
     {
-      std::lock_guard<std::mutex> lock(Mutex());
-      Free() += held_;
+      std::lock_guard<std::mutex> lock(Cores().mutex);
+      Cores().free += held_;
     }
-    Freed().notify_all();
+    Cores().freed.notify_all();
   }
   CoreLease(const CoreLease&) = delete;
   CoreLease& operator=(const CoreLease&) = delete;
 
  private:
-  static int Total() {
-    static const int total = ProcessCores();
-    return total;
-  }
-  static int& Free() {
-    static int free = Total();
-    return free;
-  }
-  static std::mutex& Mutex() {
-    static std::mutex mutex;
-    return mutex;
-  }
-  static std::condition_variable& Freed() {
-    static std::condition_variable freed;
-    return freed;
+  struct Shared {
+    const int total = ProcessCores();
+    int free = total;
+    std::mutex mutex;
+    std::condition_variable freed;
+  };
+  static Shared& Cores() {
+    static Shared shared;
+    return shared;
   }
   const int held_;
 };

@@ -13,8 +13,6 @@
 // need it). Primitives and reorders are built once per shape and cached;
 // scratchpads are per thread, so concurrent calls (one per XLA device) are safe.
 
-#include <omp.h>
-
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -172,7 +170,6 @@ ffi::Error Run(Kind kind, const Shape& shape, void* src, void* user_weights, voi
     const Plan& plan = GetPlan(kind, shape);
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
-    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
     dnnl::stream stream(engine);
     dnnl::memory user(plan.user_weights, engine, user_weights);
     dnnl::memory weights = plan.reorder_weights
