@@ -61,6 +61,9 @@ JPEG_RUN = dict(
     model="cifar_resnet8", batch_size=128, eval_batch_size=1000, num_train_steps=150, learning_rate=3.0,
     warmup_steps=15, trust_coefficient=0.01, log_every_steps=25, trust_ratio_every_steps=50,
 )  # fmt: skip
+# These runs are long enough that XLA's optimisations pay for their compile time (conftest.py turns
+# them off for the rest), and their spread below was measured with them.
+OPTIMIZED = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def onednn_jpeg_run(cifar10_dir, tmp_path_factory):
     """(workdir, output) of JPEG_RUN with the default oneDNN kernels, evaluated and saved at 75 and 150."""
     run = tmp_path_factory.mktemp("onednn") / "run"
     overrides = dict(JPEG_RUN, data_dir=cifar10_dir, eval_every_steps=75, checkpoint_every_steps=75)
-    code, output = run_main(flags("configs/cifar10_lars.py", overrides), run)
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides), run, env=OPTIMIZED)
     assert code == 0, output[-3000:]
     return run, output
 
@@ -113,7 +116,7 @@ def test_onednn_trains_to_the_accuracy_of_xla_kernels(onednn_jpeg_run, cifar10_d
     or layout in either path leaves the run near chance (0.10) or far behind."""
     onednn_run, _ = onednn_jpeg_run
     overrides = dict(JPEG_RUN, data_dir=cifar10_dir, eval_every_steps=150, checkpoint_every_steps=150, conv_impl="xla")
-    code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "xla")
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "xla", env=OPTIMIZED)
     assert code == 0, output[-3000:]
     assert "Convolutions: XLA" in output
     (xla,), onednn = metrics(tmp_path / "xla", "eval"), metrics(onednn_run, "eval")[-1]
@@ -149,10 +152,11 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
     initial = leaves(train.init_state(train.prepare(config)))
     for a, b, start in zip(one_params, four_params, initial):
         # Same arithmetic summed in another order: float32 rounding, amplified by
-        # 5 steps (measured: up to 2e-3 of the distance a tensor moved, in BN
-        # biases). A layout bug (statistics per device) moves them by O(1) of it.
+        # 5 steps. Measured, as the worst tensor's difference over the distance it
+        # moved: 2e-3 compiled with XLA's optimisations, 1.5e-2 and 3.3e-2 without
+        # (two subsets, in BN biases); statistics per device instead: 0.82.
         moved = np.max(np.abs(a - start))
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * moved + 1e-7)
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * moved + 1e-7)
 
 
 @pytest.mark.slow
