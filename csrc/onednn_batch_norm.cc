@@ -1,21 +1,29 @@
 // oneDNN batch normalization (training mode) for JAX on CPU, as XLA FFI handlers.
 //
-//   lb_batch_norm_forward   (x, scale, shift) -> (y, mean, var)
-//   lb_batch_norm_backward  (x, dy, scale, mean, var) -> (dx, dscale, dshift)
+//   lb_batch_norm_forward   (x, scale, shift) -> (y, mean, var[, workspace])
+//   lb_batch_norm_backward  (x, dy, scale, mean, var[, workspace]) -> (dx, dscale, dshift)
 //
 // x and y are NHWC, float32 or bfloat16; scale, shift and the statistics are
 // float32. The batch is cut into N / group consecutive groups of `group`
 // examples (ghost batches; group == N is plain BatchNorm), each normalised
 // with its own mean and biased variance, as models.layers.BatchNorm does:
 // mean and var are [N / group, C]; dscale and dshift are summed over groups.
-// Attributes: group, epsilon, threads (OpenMP threads for this call).
+// Attributes: group, epsilon, threads (OpenMP threads for this call), relu:
+// y = relu(BN(x)) inside the primitives (oneDNN's fuse_norm_relu), which
+// saves XLA a pass over the tensor each way. Then the forward call also
+// returns the workspace oneDNN keeps for the backward call (which outputs were
+// positive; lb_batch_norm_workspace_bytes gives its size per group). A residual
+// block's end, relu(BN(x) + shortcut), stays in XLA: oneDNN 3.2's CPU engine
+// reports fuse_norm_add_relu as unimplemented.
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "dnnl.hpp"
@@ -28,34 +36,37 @@ using largebatch::scratchpad_buffer;
 
 namespace {
 
-dnnl::normalization_flags Flags() {
-  return dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+dnnl::normalization_flags Flags(bool relu) {
+  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  return relu ? flags | dnnl::normalization_flags::fuse_norm_relu : flags;
 }
 
 struct Plan {
   dnnl::primitive forward, backward;
-  dnnl::memory::desc data, channels, forward_scratchpad, backward_scratchpad;
+  dnnl::memory::desc data, channels, workspace, forward_scratchpad, backward_scratchpad;
 };
 
-// One plan per (group, H, W, C, dtype, epsilon): both directions, built once.
-const Plan& GetPlan(int64_t group, int64_t h, int64_t w, int64_t c, dnnl::memory::data_type dtype, float epsilon) {
+// One plan per (group, H, W, C, dtype, epsilon, relu): both directions, built once.
+const Plan& GetPlan(int64_t group, int64_t h, int64_t w, int64_t c, dnnl::memory::data_type dtype, float epsilon,
+                    bool relu) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, float>, std::unique_ptr<Plan>> plans;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, float, bool>, std::unique_ptr<Plan>> plans;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = plans[{group, h, w, c, static_cast<int>(dtype), epsilon}];
+  auto& plan = plans[{group, h, w, c, static_cast<int>(dtype), epsilon, relu}];
   if (plan) return *plan;
   auto& engine = Engine();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::memory::desc data({group, c, h, w}, dtype, dnnl::memory::format_tag::nhwc);
   auto forward = dnnl::batch_normalization_forward::primitive_desc(
-      engine, dnnl::prop_kind::forward_training, data, data, epsilon, Flags(), attr);
+      engine, dnnl::prop_kind::forward_training, data, data, epsilon, Flags(relu), attr);
   auto backward = dnnl::batch_normalization_backward::primitive_desc(
-      engine, dnnl::prop_kind::backward, data, data, data, epsilon, Flags(), forward, attr);
+      engine, dnnl::prop_kind::backward, data, data, data, epsilon, Flags(relu), forward, attr);
   plan = std::make_unique<Plan>(Plan{dnnl::batch_normalization_forward(forward),
                                      dnnl::batch_normalization_backward(backward), data,
                                      dnnl::memory::desc({c}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x),
-                                     forward.scratchpad_desc(), backward.scratchpad_desc()});
+                                     forward.workspace_desc(), forward.scratchpad_desc(),
+                                     backward.scratchpad_desc()});
   return *plan;
 }
 
@@ -86,9 +97,24 @@ ffi::Error Failure(const dnnl::error& e) {
   return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
 }
 
+// Checks that a workspace comes with relu (and only then), holding every group's.
+ffi::Error CheckWorkspace(bool relu, const std::optional<size_t>& workspace_bytes, size_t expected) {
+  if (workspace_bytes.has_value() != relu) {
+    return ffi::Error::InvalidArgument("onednn batch norm: a workspace goes with relu, and only with it");
+  }
+  if (relu && *workspace_bytes != expected) {
+    return ffi::Error::InvalidArgument("onednn batch norm: the workspace must hold " + std::to_string(expected) +
+                                       " bytes, not " + std::to_string(*workspace_bytes));
+  }
+  return ffi::Error::Success();
+}
+
+size_t ElementBytes(dnnl::memory::data_type dtype) { return dtype == dnnl::memory::data_type::f32 ? 4 : 2; }
+
 ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
-                   ffi::Result<ffi::Buffer<ffi::F32>> var, int64_t group, float epsilon, int64_t threads) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> var, std::optional<ffi::Result<ffi::Buffer<ffi::U8>>> workspace,
+                   int64_t group, float epsilon, int64_t threads, bool relu) {
   dnnl::memory::data_type dtype;
   if (auto error = CheckShape(x, group, &dtype); error.failure()) return error;
   auto dims = x.dimensions();
@@ -97,23 +123,34 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("onednn batch norm forward: scale, shift need C, mean and var N/group x C");
   }
   try {
-    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
+    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu);
+    const size_t workspace_step = plan.workspace.get_size();
+    std::optional<size_t> workspace_bytes;
+    if (workspace) workspace_bytes = (*workspace)->size_bytes();
+    if (auto error = CheckWorkspace(relu, workspace_bytes, groups * workspace_step); error.failure()) return error;
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
     dnnl::stream stream(engine);
-    const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);
+    const size_t step = group * h * w * c * ElementBytes(dtype);
     dnnl::memory scale_memory(plan.channels, engine, scale.typed_data());
     dnnl::memory shift_memory(plan.channels, engine, shift.typed_data());
     dnnl::memory scratchpad(plan.forward_scratchpad, engine,
                             scratchpad_buffer.Get(plan.forward_scratchpad.get_size()));
     for (int64_t g = 0; g < groups; ++g) {
-      dnnl::memory src(plan.data, engine, static_cast<char*>(x.untyped_data()) + g * step);
-      dnnl::memory dst(plan.data, engine, static_cast<char*>(y->untyped_data()) + g * step);
-      dnnl::memory mean_memory(plan.channels, engine, mean->typed_data() + g * c);
-      dnnl::memory var_memory(plan.channels, engine, var->typed_data() + g * c);
-      plan.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCALE, scale_memory},
-                                    {DNNL_ARG_SHIFT, shift_memory}, {DNNL_ARG_MEAN, mean_memory},
-                                    {DNNL_ARG_VARIANCE, var_memory}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      auto at = [&](void* base) { return static_cast<char*>(base) + g * step; };
+      std::unordered_map<int, dnnl::memory> args = {
+          {DNNL_ARG_SRC, dnnl::memory(plan.data, engine, at(x.untyped_data()))},
+          {DNNL_ARG_DST, dnnl::memory(plan.data, engine, at(y->untyped_data()))},
+          {DNNL_ARG_SCALE, scale_memory},
+          {DNNL_ARG_SHIFT, shift_memory},
+          {DNNL_ARG_MEAN, dnnl::memory(plan.channels, engine, mean->typed_data() + g * c)},
+          {DNNL_ARG_VARIANCE, dnnl::memory(plan.channels, engine, var->typed_data() + g * c)},
+          {DNNL_ARG_SCRATCHPAD, scratchpad}};
+      if (workspace) {
+        args[DNNL_ARG_WORKSPACE] =
+            dnnl::memory(plan.workspace, engine, (*workspace)->typed_data() + g * workspace_step);
+      }
+      plan.forward.execute(stream, args);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -123,9 +160,10 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
 }
 
 ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
-                    ffi::Buffer<ffi::F32> var, ffi::Result<ffi::AnyBuffer> dx,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dscale, ffi::Result<ffi::Buffer<ffi::F32>> dshift,
-                    int64_t group, float epsilon, int64_t threads) {
+                    ffi::Buffer<ffi::F32> var, std::optional<ffi::Buffer<ffi::U8>> workspace,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dshift, int64_t group, float epsilon, int64_t threads,
+                    bool relu) {
   dnnl::memory::data_type dtype;
   if (auto error = CheckShape(x, group, &dtype); error.failure()) return error;
   if (dy.element_type() != x.element_type() || dx->element_type() != x.element_type()) {
@@ -134,31 +172,38 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
   auto dims = x.dimensions();
   const int64_t h = dims[1], w = dims[2], c = dims[3], groups = dims[0] / group;
   try {
-    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon);
+    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu);
+    const size_t workspace_step = plan.workspace.get_size();
+    std::optional<size_t> workspace_bytes;
+    if (workspace) workspace_bytes = workspace->size_bytes();
+    if (auto error = CheckWorkspace(relu, workspace_bytes, groups * workspace_step); error.failure()) return error;
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
     dnnl::stream stream(engine);
-    const size_t step = group * h * w * c * (dtype == dnnl::memory::data_type::f32 ? 4 : 2);
+    const size_t step = group * h * w * c * ElementBytes(dtype);
     dnnl::memory scale_memory(plan.channels, engine, scale.typed_data());
     dnnl::memory scratchpad(plan.backward_scratchpad, engine,
                             scratchpad_buffer.Get(plan.backward_scratchpad.get_size()));
     // Each group's parameter gradients go to a slot of their own, summed below.
     std::vector<float> per_group(2 * groups * c);
     for (int64_t g = 0; g < groups; ++g) {
-      auto at = [&](auto* base) { return static_cast<char*>(static_cast<void*>(base)) + g * step; };
-      dnnl::memory src(plan.data, engine, at(x.untyped_data()));
-      dnnl::memory diff_dst(plan.data, engine, at(dy.untyped_data()));
-      dnnl::memory diff_src(plan.data, engine, at(dx->untyped_data()));
-      dnnl::memory mean_memory(plan.channels, engine, mean.typed_data() + g * c);
-      dnnl::memory var_memory(plan.channels, engine, var.typed_data() + g * c);
+      auto at = [&](void* base) { return static_cast<char*>(base) + g * step; };
       float* slot = groups == 1 ? dscale->typed_data() : per_group.data() + 2 * g * c;
       float* shift_slot = groups == 1 ? dshift->typed_data() : slot + c;
-      dnnl::memory diff_scale(plan.channels, engine, slot), diff_shift(plan.channels, engine, shift_slot);
-      plan.backward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_MEAN, mean_memory},
-                                     {DNNL_ARG_VARIANCE, var_memory}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                     {DNNL_ARG_SCALE, scale_memory}, {DNNL_ARG_DIFF_SRC, diff_src},
-                                     {DNNL_ARG_DIFF_SCALE, diff_scale}, {DNNL_ARG_DIFF_SHIFT, diff_shift},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      std::unordered_map<int, dnnl::memory> args = {
+          {DNNL_ARG_SRC, dnnl::memory(plan.data, engine, at(x.untyped_data()))},
+          {DNNL_ARG_MEAN, dnnl::memory(plan.channels, engine, mean.typed_data() + g * c)},
+          {DNNL_ARG_VARIANCE, dnnl::memory(plan.channels, engine, var.typed_data() + g * c)},
+          {DNNL_ARG_DIFF_DST, dnnl::memory(plan.data, engine, at(dy.untyped_data()))},
+          {DNNL_ARG_SCALE, scale_memory},
+          {DNNL_ARG_DIFF_SRC, dnnl::memory(plan.data, engine, at(dx->untyped_data()))},
+          {DNNL_ARG_DIFF_SCALE, dnnl::memory(plan.channels, engine, slot)},
+          {DNNL_ARG_DIFF_SHIFT, dnnl::memory(plan.channels, engine, shift_slot)},
+          {DNNL_ARG_SCRATCHPAD, scratchpad}};
+      if (workspace) {
+        args[DNNL_ARG_WORKSPACE] = dnnl::memory(plan.workspace, engine, workspace->typed_data() + g * workspace_step);
+      }
+      plan.backward.execute(stream, args);
     }
     stream.wait();
     if (groups > 1) {
@@ -182,26 +227,42 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(lb_batch_norm_forward, Forward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // shift
-                                  .Ret<ffi::AnyBuffer>()          // y
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // var
+                                  .Arg<ffi::AnyBuffer>()                 // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()          // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()          // shift
+                                  .Ret<ffi::AnyBuffer>()                 // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()          // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()          // var
+                                  .OptionalRet<ffi::Buffer<ffi::U8>>()   // workspace (with relu)
                                   .Attr<int64_t>("group")
                                   .Attr<float>("epsilon")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(lb_batch_norm_backward, Backward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::AnyBuffer>()          // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // var
-                                  .Ret<ffi::AnyBuffer>()          // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dscale
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dshift
+                                  .Arg<ffi::AnyBuffer>()                 // x
+                                  .Arg<ffi::AnyBuffer>()                 // dy
+                                  .Arg<ffi::Buffer<ffi::F32>>()          // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()          // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()          // var
+                                  .OptionalArg<ffi::Buffer<ffi::U8>>()   // workspace (with relu)
+                                  .Ret<ffi::AnyBuffer>()                 // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()          // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()          // dshift
                                   .Attr<int64_t>("group")
                                   .Attr<float>("epsilon")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("relu"));
+
+// Bytes of workspace one group of a forward call with relu keeps for its
+// backward call; -1 where oneDNN has no such primitive here.
+extern "C" int64_t lb_batch_norm_workspace_bytes(int64_t group, int64_t h, int64_t w, int64_t c, int bfloat16,
+                                                 float epsilon) {
+  try {
+    auto dtype = bfloat16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+    return static_cast<int64_t>(GetPlan(group, h, w, c, dtype, epsilon, true).workspace.get_size());
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}

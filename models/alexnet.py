@@ -83,11 +83,13 @@ class AlexNet(nn.Module):
                     group_size=self.bn_group_size,
                     dtype=self.dtype,
                     impl=self.conv_impl,
+                    relu=True,
                     name=f"bn{i + 1}",
                 )(x)
-            x = nn.relu(x)
-            if not use_bn and i < 2:
-                x = local_response_norm(x)
+            else:
+                x = nn.relu(x)
+                if i < 2:
+                    x = local_response_norm(x)
             if pool:
                 window, stride = self.pool
                 x = nn.max_pool(x, (window, window), (stride, stride))

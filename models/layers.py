@@ -27,7 +27,8 @@ class BatchNorm(nn.Module):
     With impl="onednn" the training-mode statistics, normalisation and their
     gradient are oneDNN's primitives (models/onednn.py), where each group lies
     within one device's shard; elsewhere (global statistics over several
-    devices, float64) the formulation below.
+    devices, float64) the formulation below. relu=True applies the ReLU that
+    follows in the models, inside oneDNN's primitives where they run.
     """
 
     use_running_average: bool | None = None
@@ -37,6 +38,7 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
     scale_init: Any = nn.initializers.ones
     impl: str = "xla"  # "onednn": oneDNN's primitives in training mode, where they apply
+    relu: bool = False  # output relu(BN(x))
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None):
@@ -56,7 +58,7 @@ class BatchNorm(nn.Module):
         elif batch % group:
             raise ValueError(f"BatchNorm group size {group} does not divide the batch of {batch}.")
         elif (done := self._onednn(x, scale, bias, ra_mean, ra_var)) is not None:
-            return done
+            return done  # the ReLU included
         else:
             grouped = x.astype(stats_dtype).reshape((batch // group, group) + x.shape[1:])
             axes = tuple(range(1, grouped.ndim - 1))
@@ -69,7 +71,8 @@ class BatchNorm(nn.Module):
                 # Population (biased) variance, as flax.linen.BatchNorm keeps it.
                 group_var = jnp.mean(var, axis=reduce_axes)
                 self._update_running_averages(ra_mean, ra_var, group_mean, group_var)
-        return (y * scale + bias).astype(self.dtype)
+        y = y * scale + bias
+        return (nn.relu(y) if self.relu else y).astype(self.dtype)
 
     def _update_running_averages(self, ra_mean, ra_var, mean, var):
         """Exponential moving averages of the batch statistics (mean over groups), for evaluation."""
@@ -82,7 +85,7 @@ class BatchNorm(nn.Module):
             return None
         from models import onednn
 
-        done = onednn.batch_norm(x.astype(self.dtype), scale, bias, self.group_size, self.epsilon)
+        done = onednn.batch_norm(x.astype(self.dtype), scale, bias, self.group_size, self.epsilon, self.relu)
         if done is None:
             return None
         y, mean, var = done

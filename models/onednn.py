@@ -65,6 +65,8 @@ def library() -> ctypes.CDLL:
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     lib.lb_onednn_isa.restype = ctypes.c_char_p
+    lib.lb_batch_norm_workspace_bytes.restype = ctypes.c_int64
+    lib.lb_batch_norm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float]
     return lib
 
 
@@ -211,8 +213,9 @@ _conv2d.defvjp(_forward_rule, _backward_rule)
 # --------------------------------------------------------------------------
 
 
-def batch_norm(x, scale, shift, group_size: int | None, epsilon: float):
-    """Training-mode BatchNorm over groups of `group_size` consecutive examples (None: the whole batch).
+def batch_norm(x, scale, shift, group_size: int | None, epsilon: float, relu: bool = False):
+    """Training-mode BatchNorm over groups of `group_size` consecutive examples (None: the whole batch),
+    and optionally the ReLU after it, inside the same oneDNN primitives.
 
     Args:
       x: [N, H, W, C], float32 or bfloat16.
@@ -220,6 +223,9 @@ def batch_norm(x, scale, shift, group_size: int | None, epsilon: float):
       group_size: examples per group; each group must lie within one device's
         shard of the batch.
       epsilon: added to the variance.
+      relu: y = relu(BN(x)): oneDNN's fuse_norm_relu, which saves XLA a pass
+        over the tensor each way (the backward call reads a bitmask of the
+        positive outputs, oneDNN's workspace, instead of y).
 
     Returns:
       (y in x's dtype, mean [G, C], biased variance [G, C]) with G groups, or
@@ -234,44 +240,58 @@ def batch_norm(x, scale, shift, group_size: int | None, epsilon: float):
     group = local if group_size is None and devices == 1 else group_size
     if group is None or local % group:
         return None
-    return _batch_norm(x, scale, shift, group, float(epsilon))
+    return _batch_norm(x, scale, shift, group, float(epsilon), bool(relu))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm(x, scale, shift, group, epsilon):
-    return _batch_norm_forward(x, scale, shift, group, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm(x, scale, shift, group, epsilon, relu):
+    return _batch_norm_forward(x, scale, shift, group, epsilon, relu)[0]
 
 
-def _batch_norm_call(target, results, group, epsilon, *operands):
+def _workspace_bytes(x_shape, dtype, group: int, epsilon: float) -> int:
+    """Bytes of oneDNN's forward-to-backward workspace for one group of a call with relu."""
+    _, h, w, c = x_shape
+    size = library().lb_batch_norm_workspace_bytes(group, h, w, c, int(dtype == jnp.bfloat16), epsilon)
+    if size < 0:
+        raise RuntimeError(f"oneDNN has no batch normalization with ReLU for {x_shape} {dtype} on this CPU.")
+    return size
+
+
+def _batch_norm_call(target, results, group, epsilon, relu, *operands):
     library()
     call = jax.ffi.ffi_call(target, results)
-    return call(*operands, group=np.int64(group), epsilon=np.float32(epsilon), threads=np.int64(threads_per_device()))
+    attributes = dict(group=np.int64(group), epsilon=np.float32(epsilon), relu=relu)
+    return call(*operands, threads=np.int64(threads_per_device()), **attributes)
 
 
-def _batch_norm_forward(x, scale, shift, group, epsilon):
+def _batch_norm_forward(x, scale, shift, group, epsilon, relu):
     def run(x, scale, shift, sharded):
         stats = jax.ShapeDtypeStruct((x.shape[0] // group, x.shape[-1]), jnp.float32)
         results = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
-        return tuple(_batch_norm_call("lb_batch_norm_forward", results, group, epsilon, x, scale, shift))
+        if relu:
+            workspace = _workspace_bytes(x.shape, x.dtype, group, epsilon)
+            results += (jax.ShapeDtypeStruct((x.shape[0] // group, workspace), jnp.uint8),)
+        return tuple(_batch_norm_call("lb_batch_norm_forward", results, group, epsilon, relu, x, scale, shift))
 
-    y, mean, var = _per_device(run, (x,), (scale, shift), BATCHED)
-    return (y, mean, var), (x, scale, mean, var)
+    y, mean, var, *workspace = _per_device(run, (x,), (scale, shift), (BATCHED,) * (4 if relu else 3))
+    return (y, mean, var), (x, scale, mean, var, *workspace)
 
 
-def _batch_norm_backward(group, epsilon, residuals, cotangents):
-    x, scale, mean, var = residuals
+def _batch_norm_backward(group, epsilon, relu, residuals, cotangents):
+    x, scale, mean, var, *workspace = residuals
     dy = cotangents[0].astype(x.dtype)  # mean and var only feed the running averages: no gradient
 
-    def run(x, dy, mean, var, scale, sharded):
+    def run(x, dy, mean, var, *workspace_and_scale, sharded):
+        *workspace, scale = workspace_and_scale
         channels = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
         results = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
-        operands = (x, dy, scale, mean, var)
-        dx, dscale, dshift = _batch_norm_call("lb_batch_norm_backward", results, group, epsilon, *operands)
+        operands = (x, dy, scale, mean, var, *workspace)
+        dx, dscale, dshift = _batch_norm_call("lb_batch_norm_backward", results, group, epsilon, relu, *operands)
         if sharded:  # each device's share of the parameter gradients
             dscale, dshift = jax.lax.psum((dscale, dshift), BATCH_AXIS)
         return dx, dscale, dshift
 
-    return _per_device(run, (x, dy, mean, var), (scale,), (BATCHED, REPLICATED, REPLICATED))
+    return _per_device(run, (x, dy, mean, var, *workspace), (scale,), (BATCHED, REPLICATED, REPLICATED))
 
 
 _batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)

@@ -49,9 +49,9 @@ class _Blocks(nn.Module):
             features, kernel, strides, use_bias=not self.use_bn, impl=self.conv_impl, dtype=self.dtype, name=name
         )
 
-    def norm(self, x, train, last=False, name=None):
+    def norm(self, x, train, last=False, relu=False, name=None):
         if not self.use_bn:
-            return x
+            return nn.relu(x) if relu else x
         scale_init = nn.initializers.zeros if last and self.zero_init_last_bn else nn.initializers.ones
         return BatchNorm(
             use_running_average=not train,
@@ -59,6 +59,7 @@ class _Blocks(nn.Module):
             dtype=self.dtype,
             scale_init=scale_init,
             impl=self.conv_impl,
+            relu=relu,
             name=name,
         )(x)
 
@@ -77,8 +78,8 @@ class BottleneckBlock(_Blocks):
     @nn.compact
     def __call__(self, x, train: bool):
         s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
-        y = nn.relu(self.norm(self.conv(self.features, 1, s1, name="conv1")(x), train, name="bn1"))
-        y = nn.relu(self.norm(self.conv(self.features, 3, s3, name="conv2")(y), train, name="bn2"))
+        y = self.norm(self.conv(self.features, 1, s1, name="conv1")(x), train, relu=True, name="bn1")
+        y = self.norm(self.conv(self.features, 3, s3, name="conv2")(y), train, relu=True, name="bn2")
         y = self.norm(self.conv(self.features * 4, 1, name="conv3")(y), train, last=True, name="bn3")
         return nn.relu(y + self.shortcut(x, self.features * 4, train))
 
@@ -88,7 +89,7 @@ class BasicBlock(_Blocks):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.relu(self.norm(self.conv(self.features, 3, self.strides, name="conv1")(x), train, name="bn1"))
+        y = self.norm(self.conv(self.features, 3, self.strides, name="conv1")(x), train, relu=True, name="bn1")
         y = self.norm(self.conv(self.features, 3, name="conv2")(y), train, last=True, name="bn2")
         return nn.relu(y + self.shortcut(x, self.features, train))
 
@@ -144,9 +145,11 @@ class ResNet(nn.Module):
                 group_size=self.bn_group_size,
                 dtype=self.dtype,
                 impl=self.conv_impl,
+                relu=True,
                 name="stem_bn",
             )(x)
-        x = nn.relu(x)
+        else:
+            x = nn.relu(x)
         if self.imagenet_stem:
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         block_kwargs = dict(common, zero_init_last_bn=self.zero_init_last_bn)

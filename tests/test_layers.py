@@ -326,9 +326,13 @@ def batch_norm64(x, scale, bias, group, epsilon=1e-5):
     return y, mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1])
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("devices", [1, 4])
 @pytest.mark.parametrize("group", [None, 4, 2])
-def test_onednn_batch_norm_within_rounding_of_float64(group, devices):
+def test_onednn_batch_norm_within_rounding_of_float64(group, devices, relu):
+    """Statistics, output and gradients against float64, with the ReLU fused (relu=True) or not.
+    Where a float64 pre-ReLU value lies within y's rounding bound of 0, either side of the kink is
+    a right answer: there (and only there) the reference follows the side the output fell on."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((8, 6, 5, 16)) * 3 + 2).astype(np.float32)
     scale, bias = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
@@ -341,7 +345,7 @@ def test_onednn_batch_norm_within_rounding_of_float64(group, devices):
 
     def forward(x, scale, bias):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return onednn.batch_norm(x, scale, bias, group, 1e-5)
+            return onednn.batch_norm(x, scale, bias, group, 1e-5, relu)
 
     sharded = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     (y, mean, var), vjp = jax.vjp(jax.jit(forward), sharded, jnp.asarray(scale), jnp.asarray(bias))
@@ -350,16 +354,22 @@ def test_onednn_batch_norm_within_rounding_of_float64(group, devices):
     with jax.enable_x64(True):
         args = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)]
         (y64, mean64, var64), vjp64 = jax.vjp(lambda *a: batch_norm64(*a, g), *args)
-        dx64, dscale64, dbias64 = vjp64((jnp.asarray(dy, jnp.float64), jnp.zeros_like(mean64), jnp.zeros_like(var64)))
     n = g * 6 * 5  # values per statistic
     # Statistics: sums of n terms (gamma_n of the sum of |terms|); y and dx: a few operations on
     # normalised values of size |x - mean| / sigma, each with the statistics' relative error.
     normalised = np.max(np.abs(np.asarray(x) - np.repeat(np.asarray(mean64), g, 0)[:, None, None, :]))
     sigma = np.sqrt(np.min(np.asarray(var64)))
+    y_bound = 8 * gamma(n) * (normalised / sigma) * np.max(np.abs(scale)) + 4 * U32 * np.max(np.abs(bias))
+    if relu:  # relu(y): its gradient passes dy where y > 0
+        positive = np.where(np.abs(y64) <= y_bound, np.asarray(y) > 0, np.asarray(y64) > 0)
+        y64, dy_in = np.where(positive, y64, 0.0), np.where(positive, dy, 0.0)
+    with jax.enable_x64(True):
+        cotangent = jnp.asarray(dy_in if relu else dy, jnp.float64)
+        dx64, dscale64, dbias64 = vjp64((cotangent, jnp.zeros_like(mean64), jnp.zeros_like(var64)))
     checks = [
         ("mean", mean, mean64, gamma(n) * np.max(np.abs(x))),
         ("var", var, var64, 4 * gamma(n) * np.max(np.asarray(var64) + np.asarray(mean64) ** 2)),
-        ("y", y, y64, 8 * gamma(n) * (normalised / sigma) * np.max(np.abs(scale)) + 4 * U32 * np.max(np.abs(bias))),
+        ("y", y, y64, y_bound),
         ("dx", dx, dx64, 16 * gamma(n) * np.max(np.abs(scale * dy)) / sigma * (1 + normalised**2 / sigma**2)),
         ("dscale", dscale, dscale64, 8 * gamma(8 * 30) * 8 * 30 * np.max(np.abs(dy)) * normalised / sigma),
         ("dbias", dbias, dbias64, gamma(8 * 30) * np.sum(np.abs(dy), axis=(0, 1, 2)).max()),
