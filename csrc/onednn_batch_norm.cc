@@ -46,14 +46,17 @@ struct Plan {
   dnnl::memory::desc data, channels, workspace, forward_scratchpad, backward_scratchpad;
 };
 
-// One plan per (group, H, W, C, dtype, epsilon, relu): both directions, built once.
+// One plan per (group, H, W, C, dtype, epsilon, relu, threads): both directions, built once
+// (see largebatch::BuildingFor for the threads).
 const Plan& GetPlan(int64_t group, int64_t h, int64_t w, int64_t c, dnnl::memory::data_type dtype, float epsilon,
-                    bool relu) {
+                    bool relu, int64_t threads) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, float, bool>, std::unique_ptr<Plan>> plans;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, float, bool, int64_t>, std::unique_ptr<Plan>>
+      plans;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = plans[{group, h, w, c, static_cast<int>(dtype), epsilon, relu}];
+  auto& plan = plans[{group, h, w, c, static_cast<int>(dtype), epsilon, relu, threads}];
   if (plan) return *plan;
+  largebatch::BuildingFor team(threads);
   auto& engine = Engine();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -123,7 +126,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("onednn batch norm forward: scale, shift need C, mean and var N/group x C");
   }
   try {
-    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu);
+    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu, threads);
     const size_t workspace_step = plan.workspace.get_size();
     std::optional<size_t> workspace_bytes;
     if (workspace) workspace_bytes = (*workspace)->size_bytes();
@@ -172,7 +175,7 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
   auto dims = x.dimensions();
   const int64_t h = dims[1], w = dims[2], c = dims[3], groups = dims[0] / group;
   try {
-    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu);
+    const Plan& plan = GetPlan(group, h, w, c, dtype, epsilon, relu, threads);
     const size_t workspace_step = plan.workspace.get_size();
     std::optional<size_t> workspace_bytes;
     if (workspace) workspace_bytes = workspace->size_bytes();
@@ -258,10 +261,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lb_batch_norm_backward, Backward,
 // Bytes of workspace one group of a forward call with relu keeps for its
 // backward call; -1 where oneDNN has no such primitive here.
 extern "C" int64_t lb_batch_norm_workspace_bytes(int64_t group, int64_t h, int64_t w, int64_t c, int bfloat16,
-                                                 float epsilon) {
+                                                 float epsilon, int64_t threads) {
   try {
     auto dtype = bfloat16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
-    return static_cast<int64_t>(GetPlan(group, h, w, c, dtype, epsilon, true).workspace.get_size());
+    return static_cast<int64_t>(GetPlan(group, h, w, c, dtype, epsilon, true, threads).workspace.get_size());
   } catch (const dnnl::error&) {
     return -1;
   }

@@ -91,6 +91,26 @@ class CoreLease {
   const int held_;
 };
 
+// Sets the calling thread's OpenMP team to `threads` while a primitive is
+// built. oneDNN fixes a primitive's split of the work between threads when it
+// builds it; the handlers cache primitives per thread count and build each
+// under its own, so a result depends on the shape and the thread count only,
+// not on which call built the primitive first (a process that ran 1-device
+// calls before 4-device ones reused 2-thread primitives with 1 thread, and its
+// gradients differed in rounding from a fresh process's).
+class BuildingFor {
+ public:
+  explicit BuildingFor(int64_t threads) : before_(omp_get_max_threads()) {
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  }
+  ~BuildingFor() { omp_set_num_threads(before_); }
+  BuildingFor(const BuildingFor&) = delete;
+  BuildingFor& operator=(const BuildingFor&) = delete;
+
+ private:
+  const int before_;
+};
+
 }  // namespace largebatch
 
 #endif  // LARGEBATCH_ONEDNN_COMMON_H_

@@ -119,13 +119,16 @@ std::unique_ptr<Plan> MakePlan(Kind kind, const Shape& s) {
   return plan;
 }
 
-// Plans by (kind, shape); built under the lock, then only read.
-const Plan& GetPlan(Kind kind, const Shape& s) {
+// Plans by (kind, shape, threads); built under the lock, then only read.
+const Plan& GetPlan(Kind kind, const Shape& s, int64_t threads) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, decltype(s.key())>, std::unique_ptr<Plan>> plans;
+  static std::map<std::tuple<int, decltype(s.key()), int64_t>, std::unique_ptr<Plan>> plans;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = plans[{static_cast<int>(kind), s.key()}];
-  if (!plan) plan = MakePlan(kind, s);
+  auto& plan = plans[{static_cast<int>(kind), s.key(), threads}];
+  if (!plan) {
+    largebatch::BuildingFor team(threads);
+    plan = MakePlan(kind, s);
+  }
   return *plan;
 }
 
@@ -167,7 +170,7 @@ ffi::Error CheckShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w
 // Runs (kind, shape)'s plan with the activations at `src`/`dst` and the HWIO weights at `user_weights`.
 ffi::Error Run(Kind kind, const Shape& shape, void* src, void* user_weights, void* dst, int64_t threads) {
   try {
-    const Plan& plan = GetPlan(kind, shape);
+    const Plan& plan = GetPlan(kind, shape, threads);
     auto& engine = Engine();
     largebatch::CoreLease cores(threads);
     dnnl::stream stream(engine);

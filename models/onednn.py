@@ -66,7 +66,7 @@ def library() -> ctypes.CDLL:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     lib.lb_onednn_isa.restype = ctypes.c_char_p
     lib.lb_batch_norm_workspace_bytes.restype = ctypes.c_int64
-    lib.lb_batch_norm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float]
+    lib.lb_batch_norm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64]
     return lib
 
 
@@ -251,7 +251,8 @@ def _batch_norm(x, scale, shift, group, epsilon, relu):
 def _workspace_bytes(x_shape, dtype, group: int, epsilon: float) -> int:
     """Bytes of oneDNN's forward-to-backward workspace for one group of a call with relu."""
     _, h, w, c = x_shape
-    size = library().lb_batch_norm_workspace_bytes(group, h, w, c, int(dtype == jnp.bfloat16), epsilon)
+    bf16 = int(dtype == jnp.bfloat16)
+    size = library().lb_batch_norm_workspace_bytes(group, h, w, c, bf16, epsilon, threads_per_device())
     if size < 0:
         raise RuntimeError(f"oneDNN has no batch normalization with ReLU for {x_shape} {dtype} on this CPU.")
     return size
