@@ -253,10 +253,7 @@ def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, 
     want_loss, want, moved = float64_gradients(name, kwargs, variables, images, labels, U32)
     got_loss, got = network_loss(name, kwargs, variables, jnp.asarray(images), labels, impl)
     assert abs(float(got_loss) - want_loss) <= 2**8 * U32 * abs(want_loss)
-    for path, w in jax.tree_util.tree_leaves_with_path(want):
-        error = np.max(np.abs(np.asarray(got_leaf(got, path), np.float64) - w))
-        tolerance = 32 * got_leaf(moved, path) + 2**8 * U32 * np.max(np.abs(w))
-        assert error <= tolerance, (jax.tree_util.keystr(path), error, got_leaf(moved, path))
+    assert_leaves_within(got, want, moved, times=32, of_largest=2**8 * U32)
 
 
 @pytest.mark.parametrize("name,size,kwargs", NETWORKS)
@@ -279,11 +276,7 @@ def test_network_bfloat16_within_rounding_of_float64(name, size, kwargs):
     want_loss, want, moved = float64_gradients(name, kwargs, variables, images, labels, U_BF16)
     got_loss, got = network_loss(name, kwargs, variables, jnp.asarray(images), labels, "onednn", jnp.bfloat16)
     assert abs(float(got_loss) - want_loss) <= 2 * U_BF16 * abs(want_loss)
-    for path, w in jax.tree_util.tree_leaves_with_path(want):
-        assert got_leaf(got, path).dtype == jnp.float32
-        error = np.max(np.abs(np.asarray(got_leaf(got, path), np.float64) - w))
-        tolerance = 16 * got_leaf(moved, path) + U_BF16 * np.max(np.abs(w))
-        assert error <= tolerance, (jax.tree_util.keystr(path), error, got_leaf(moved, path))
+    assert_leaves_within(got, want, moved, times=16, of_largest=U_BF16)
 
 
 @pytest.mark.slow
@@ -304,6 +297,16 @@ def test_resnet50_reduced_width_gradient_close_to_float64(impl):
     assert abs(float(got_loss) - want_loss) <= 2**8 * U32 * abs(want_loss)
     flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])  # noqa: E731
     assert np.linalg.norm(flat(got) - flat(want)) <= 0.1 * np.linalg.norm(flat(want))
+
+
+def assert_leaves_within(got, want, moved, times: float, of_largest: float):
+    """Each float32 gradient leaf within `times` its float64 sensitivity (`moved`) plus `of_largest`
+    of its largest float64 entry."""
+    for path, w in jax.tree_util.tree_leaves_with_path(want):
+        assert got_leaf(got, path).dtype == jnp.float32
+        error = np.max(np.abs(np.asarray(got_leaf(got, path), np.float64) - w))
+        tolerance = times * got_leaf(moved, path) + of_largest * np.max(np.abs(w))
+        assert error <= tolerance, (jax.tree_util.keystr(path), error, got_leaf(moved, path))
 
 
 def got_leaf(tree, path):
