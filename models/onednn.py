@@ -261,8 +261,8 @@ def _workspace_bytes(x_shape, dtype, group: int, epsilon: float) -> int:
 def _batch_norm_call(target, results, group, epsilon, relu, *operands):
     library()
     call = jax.ffi.ffi_call(target, results)
-    attributes = dict(group=np.int64(group), epsilon=np.float32(epsilon), relu=relu)
-    return call(*operands, threads=np.int64(threads_per_device()), **attributes)
+    threads = np.int64(threads_per_device())
+    return call(*operands, group=np.int64(group), epsilon=np.float32(epsilon), threads=threads, relu=relu)
 
 
 def _batch_norm_forward(x, scale, shift, group, epsilon, relu):
