@@ -29,6 +29,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import host_memory
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; an existing run there is resumed.")
 config_flags.DEFINE_config_file("config", None, "A configs/ file, optionally with :variant.", lock_config=True)
@@ -247,5 +249,6 @@ def train_in(jax, config, workdir: str) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()  # first: before any library starts a thread
     _quiet_environment()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

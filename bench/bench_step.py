@@ -14,7 +14,8 @@ own kernels) in float32; and, end to end, `main.py --config.dataset=synthetic`
 steps. The peer is bench/torch_models.py (same layer shapes and parameter
 counts) in channels_last with a foreach LARS, torch using every core, in
 float32 and under torch.autocast("cpu", bfloat16). Each measurement runs in a
-fresh process; the figure is the best of `--steps` timed steps after one
+fresh process, both sides with glibc's malloc keeping freed memory
+(host_memory.py, as main.py runs); the figure is the best of `--steps` timed steps after one
 warm-up step. "% peak" is 3 x forward FLOPs per image (XLA's count of the
 lax formulation) x our float32 images/s over the matmul peak (bench/machine.py).
 """
@@ -62,6 +63,9 @@ class Cell:
     conv_impl: str = "onednn"
     dtype: str = "float32"
     devices: int = 1
+    # glibc's malloc keeps freed memory (host_memory.py), as main.py has it. PyTorch gets it too:
+    # its CPU allocator returns large blocks to the kernel as XLA's does, and gains as much.
+    keep_memory: bool = True
 
 
 def model(name: str) -> Model:
@@ -157,6 +161,10 @@ def time_end_to_end(cell: Cell) -> float:
 
 
 def run_cell(cell: Cell) -> float:
+    if cell.keep_memory:  # before torch or jax start their threads
+        import host_memory
+
+        host_memory.keep_freed_memory()
     if cell.who == "ours":
         return time_ours(cell)
     if cell.who == "torch":
