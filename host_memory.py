@@ -14,7 +14,6 @@ which a training process needs again every step anyway.
 """
 
 import ctypes
-import ctypes.util
 
 # glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -35,10 +34,9 @@ def keep_freed_memory() -> bool:
       Whether malloc took the settings; False where the C library is not glibc
       (then nothing changes and training runs as before, only slower).
     """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
+    try:  # the C library already in the process, whose malloc XLA and torch use
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))
