@@ -10,15 +10,17 @@ $(VENV)/installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-# The oneDNN convolutions and BatchNorm (csrc/): XLA FFI headers from the pinned jaxlib,
-# oneDNN 3.2 headers and library from the pinned onednn-*-cpu-gomp wheels in the virtualenv.
+# The oneDNN convolutions, matmuls, max pooling and BatchNorm (csrc/): XLA FFI headers from the
+# pinned jaxlib, oneDNN 3.2 headers and library from the pinned onednn-*-cpu-gomp wheels in the
+# virtualenv.
 ONEDNN_EXTENSION := build/liblargebatch_onednn.so
+ONEDNN_SOURCES := csrc/onednn_conv.cc csrc/onednn_batch_norm.cc csrc/onednn_matmul.cc csrc/onednn_pooling.cc
 build: $(ONEDNN_EXTENSION)
-$(ONEDNN_EXTENSION): csrc/onednn_conv.cc csrc/onednn_batch_norm.cc csrc/onednn_common.h $(VENV)/installed
+$(ONEDNN_EXTENSION): $(ONEDNN_SOURCES) csrc/onednn_common.h $(VENV)/installed
 	@mkdir -p build
 	g++ -O2 -std=c++17 -shared -fPIC -fopenmp -Wall \
 	  -isystem "$$($(VENV)/bin/python -c 'import jax; print(jax.ffi.include_dir())')" -I$(VENV)/include \
-	  csrc/onednn_conv.cc csrc/onednn_batch_norm.cc -o $@ -L$(VENV)/lib -ldnnl -Wl,-rpath,'$$ORIGIN/../$(VENV)/lib' \
+	  $(ONEDNN_SOURCES) -o $@ -L$(VENV)/lib -ldnnl -Wl,-rpath,'$$ORIGIN/../$(VENV)/lib' \
 	  || { echo "error: building the oneDNN extension failed (see above); retry with: make build" >&2; exit 1; }
 
 # Trains the offline demo (scikit-learn digits, ResNet-8, LARS).

@@ -125,14 +125,14 @@ def check_workdir(workdir: str):
 
 
 def log_kernels(config, impl: str):
-    """One start-up line: which kernels run the convolutions, on which ISA and how many threads."""
+    """One start-up line: which kernels run the layers, on which ISA and how many threads."""
     if impl != "onednn":
         logging.info("Convolutions: XLA's own kernels (conv_impl=%s), %s.", impl, config.dtype)
         return
     from models import onednn
 
     logging.info(
-        "Convolutions and BatchNorm: oneDNN %s on %s, %s, %d OpenMP thread(s) per device.",
+        "Convolutions, dense layers, max pooling and BatchNorm: oneDNN %s on %s, %s, %d OpenMP thread(s) per device.",
         onednn.version(),
         onednn.isa(),
         config.dtype,

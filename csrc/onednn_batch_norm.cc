@@ -17,9 +17,7 @@
 // reports fuse_norm_add_relu as unimplemented.
 
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -46,31 +44,24 @@ struct Plan {
   dnnl::memory::desc data, channels, workspace, forward_scratchpad, backward_scratchpad;
 };
 
-// One plan per (group, H, W, C, dtype, epsilon, relu, threads): both directions, built once
-// (see largebatch::BuildingFor for the threads).
+// One plan per (group, H, W, C, dtype, epsilon, relu, threads): both directions.
 const Plan& GetPlan(int64_t group, int64_t h, int64_t w, int64_t c, dnnl::memory::data_type dtype, float epsilon,
                     bool relu, int64_t threads) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int, float, bool, int64_t>, std::unique_ptr<Plan>>
-      plans;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = plans[{group, h, w, c, static_cast<int>(dtype), epsilon, relu, threads}];
-  if (plan) return *plan;
-  largebatch::BuildingFor team(threads);
-  auto& engine = Engine();
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  dnnl::memory::desc data({group, c, h, w}, dtype, dnnl::memory::format_tag::nhwc);
-  auto forward = dnnl::batch_normalization_forward::primitive_desc(
-      engine, dnnl::prop_kind::forward_training, data, data, epsilon, Flags(relu), attr);
-  auto backward = dnnl::batch_normalization_backward::primitive_desc(
-      engine, dnnl::prop_kind::backward, data, data, data, epsilon, Flags(relu), forward, attr);
-  plan = std::make_unique<Plan>(Plan{dnnl::batch_normalization_forward(forward),
-                                     dnnl::batch_normalization_backward(backward), data,
-                                     dnnl::memory::desc({c}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x),
-                                     forward.workspace_desc(), forward.scratchpad_desc(),
-                                     backward.scratchpad_desc()});
-  return *plan;
+  auto key = std::make_tuple(group, h, w, c, static_cast<int>(dtype), epsilon, relu);
+  return largebatch::CachedPlan<Plan>(key, threads, [&] {
+    auto& engine = Engine();
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::memory::desc data({group, c, h, w}, dtype, dnnl::memory::format_tag::nhwc);
+    auto forward = dnnl::batch_normalization_forward::primitive_desc(
+        engine, dnnl::prop_kind::forward_training, data, data, epsilon, Flags(relu), attr);
+    auto backward = dnnl::batch_normalization_backward::primitive_desc(
+        engine, dnnl::prop_kind::backward, data, data, data, epsilon, Flags(relu), forward, attr);
+    dnnl::memory::desc channels({c}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x);
+    return std::make_unique<Plan>(Plan{dnnl::batch_normalization_forward(forward),
+                                       dnnl::batch_normalization_backward(backward), data, channels,
+                                       forward.workspace_desc(), forward.scratchpad_desc(), backward.scratchpad_desc()});
+  });
 }
 
 // Checks x against [N, H, W, C] with N a multiple of group; the dtype of x.
@@ -81,23 +72,10 @@ ffi::Error CheckShape(const ffi::AnyBuffer& x, int64_t group, dnnl::memory::data
     return ffi::Error::InvalidArgument("onednn batch norm: group " + std::to_string(group) +
                                        " does not divide the batch of " + std::to_string(dims[0]));
   }
-  if (x.element_type() == ffi::DataType::F32) {
-    *dtype = dnnl::memory::data_type::f32;
-  } else if (x.element_type() == ffi::DataType::BF16) {
-    *dtype = dnnl::memory::data_type::bf16;
-  } else {
+  if (!largebatch::ToOneDnn(x.element_type(), dtype)) {
     return ffi::Error(ffi::ErrorCode::kUnimplemented, "onednn batch norm: only float32 and bfloat16 are supported");
   }
   return ffi::Error::Success();
-}
-
-ffi::Error Failure(const dnnl::error& e) {
-  if (e.status == dnnl_unimplemented) {
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      std::string("oneDNN has no batch normalization for this shape and dtype on this CPU: ") +
-                          e.what());
-  }
-  return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
 }
 
 // Checks that a workspace comes with relu (and only then), holding every group's.
@@ -157,7 +135,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ff
     }
     stream.wait();
   } catch (const dnnl::error& e) {
-    return Failure(e);
+    return largebatch::Failure(e, "batch normalization");
   }
   return ffi::Error::Success();
 }
@@ -221,7 +199,7 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> s
       }
     }
   } catch (const dnnl::error& e) {
-    return Failure(e);
+    return largebatch::Failure(e, "batch normalization");
   }
   return ffi::Error::Success();
 }

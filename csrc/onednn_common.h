@@ -1,5 +1,6 @@
-// What the oneDNN handlers share: the CPU engine, per-thread scratch buffers
-// and the cores that concurrent calls divide between them.
+// What the oneDNN handlers share: the CPU engine, per-thread scratch buffers,
+// the cores that concurrent calls divide between them, the plan cache, and
+// the mapping of dtypes and errors between XLA's FFI and oneDNN.
 #ifndef LARGEBATCH_ONEDNN_COMMON_H_
 #define LARGEBATCH_ONEDNN_COMMON_H_
 
@@ -10,10 +11,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <utility>
 
 #include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
 
 namespace largebatch {
 
@@ -110,6 +115,44 @@ class BuildingFor {
  private:
   const int before_;
 };
+
+// The plan (primitives and memory descriptors) for `key` at `threads`, built by
+// make() under the team size it will run with the first time, then only read.
+// Each call site has its own cache (make's type is its own lambda).
+template <typename Plan, typename Key, typename Make>
+const Plan& CachedPlan(const Key& key, int64_t threads, Make make) {
+  static std::mutex mutex;
+  static std::map<std::pair<Key, int64_t>, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& plan = plans[{key, threads}];
+  if (!plan) {
+    BuildingFor team(threads);
+    plan = make();
+  }
+  return *plan;
+}
+
+// The oneDNN type of an XLA element type: float32 and bfloat16 only (false otherwise).
+inline bool ToOneDnn(xla::ffi::DataType type, dnnl::memory::data_type* out) {
+  if (type == xla::ffi::DataType::F32) {
+    *out = dnnl::memory::data_type::f32;
+  } else if (type == xla::ffi::DataType::BF16) {
+    *out = dnnl::memory::data_type::bf16;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// The FFI error for a oneDNN exception from building or running a `what`
+// ("convolution", ...): unimplemented says so, for the tests and the user.
+inline xla::ffi::Error Failure(const dnnl::error& e, const std::string& what) {
+  if (e.status == dnnl_unimplemented) {
+    return xla::ffi::Error(xla::ffi::ErrorCode::kUnimplemented,
+                           "oneDNN has no " + what + " for this shape and dtype on this CPU: " + e.what());
+  }
+  return xla::ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+}
 
 }  // namespace largebatch
 

@@ -15,9 +15,7 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -119,17 +117,9 @@ std::unique_ptr<Plan> MakePlan(Kind kind, const Shape& s) {
   return plan;
 }
 
-// Plans by (kind, shape, threads); built under the lock, then only read.
 const Plan& GetPlan(Kind kind, const Shape& s, int64_t threads) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, decltype(s.key()), int64_t>, std::unique_ptr<Plan>> plans;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& plan = plans[{static_cast<int>(kind), s.key(), threads}];
-  if (!plan) {
-    largebatch::BuildingFor team(threads);
-    plan = MakePlan(kind, s);
-  }
-  return *plan;
+  return largebatch::CachedPlan<Plan>(std::make_pair(static_cast<int>(kind), s.key()), threads,
+                                      [&] { return MakePlan(kind, s); });
 }
 
 ffi::Error CheckShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, ffi::AnyBuffer::Dimensions y,
@@ -141,11 +131,7 @@ ffi::Error CheckShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w
   if (strides.size() != 2 || pads.size() != 4) {
     return ffi::Error::InvalidArgument("onednn conv: strides needs 2 values and pads 4 (top, bottom, left, right)");
   }
-  if (dtype == ffi::DataType::F32) {
-    s->dtype = dnnl::memory::data_type::f32;
-  } else if (dtype == ffi::DataType::BF16) {
-    s->dtype = dnnl::memory::data_type::bf16;
-  } else {
+  if (!largebatch::ToOneDnn(dtype, &s->dtype)) {
     return ffi::Error(ffi::ErrorCode::kUnimplemented, "onednn conv: only float32 and bfloat16 are supported");
   }
   *s = Shape{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], strides[0], strides[1],
@@ -194,11 +180,7 @@ ffi::Error Run(Kind kind, const Shape& shape, void* src, void* user_weights, voi
     }
     stream.wait();
   } catch (const dnnl::error& e) {
-    if (e.status == dnnl_unimplemented) {
-      return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                        std::string("oneDNN has no convolution for this shape and dtype on this CPU: ") + e.what());
-    }
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+    return largebatch::Failure(e, "convolution");
   }
   return ffi::Error::Success();
 }

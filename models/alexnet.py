@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import BatchNorm, Conv, flatten, local_response_norm
+from models.layers import BatchNorm, Conv, Dense, flatten, local_response_norm, max_pool
 
 # (features, kernel, stride, padding, max-pool after it) of the five convolutions.
 IMAGENET_CONVS = (
@@ -48,7 +48,7 @@ class AlexNet(nn.Module):
       fc_features: width of the two hidden dense layers.
       dropout_rate: dropout after each hidden dense layer.
       bn_group_size: see models.layers.BatchNorm.
-      conv_impl: how convolutions are computed, see models.layers.conv2d.
+      conv_impl: how convolutions and dense layers are computed, see models.layers.conv2d.
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -92,13 +92,13 @@ class AlexNet(nn.Module):
                     x = local_response_norm(x)
             if pool:
                 window, stride = self.pool
-                x = nn.max_pool(x, (window, window), (stride, stride))
+                x = max_pool(x, (window, window), (stride, stride), impl=self.conv_impl)
         x = flatten(x)
         for i in range(2):
-            x = nn.Dense(self.fc_features, dtype=self.dtype, name=f"fc{i + 6}")(x)
+            x = Dense(self.fc_features, impl=self.conv_impl, dtype=self.dtype, name=f"fc{i + 6}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x)
+        x = Dense(self.num_classes, impl=self.conv_impl, dtype=self.dtype, name="fc8")(x)
         return x.astype(jnp.float32)
 
 

@@ -1,4 +1,4 @@
-"""oneDNN convolutions and BatchNorm under JAX on CPU: csrc/'s FFI handlers, their VJPs, their sharding.
+"""oneDNN convolutions, matmuls, max pooling and BatchNorm on CPU: csrc/'s FFI handlers, VJPs, sharding.
 
 `conv2d(x, kernel, strides, pads)` computes lax.conv_general_dilated's NHWC x
 HWIO convolution with oneDNN 3.2 (the library under PyTorch's and Intel
@@ -13,6 +13,14 @@ Compute may be bfloat16 (AMX or AVX512-BF16 kernels where the CPU has them):
 the kernel stays float32 outside, is cast for the forward and backward-data
 primitives, and its gradient comes back in float32 from oneDNN's
 accumulation.
+
+`dense(x, kernel)` is a fully connected layer's x @ kernel with oneDNN's
+matmul (the forward and both gradients), sharded and cast as conv2d is.
+
+`max_pool(x, window, strides, pads)` is flax.linen.max_pool's NHWC max
+pooling (padding never the maximum) with oneDNN's forward and backward
+primitives; the backward call reads where each maximum was from the forward
+call's workspace.
 
 `batch_norm` is BatchNorm's training mode (statistics over groups of
 examples, as models.layers.BatchNorm) with oneDNN's forward and backward
@@ -41,6 +49,9 @@ TARGETS = (
     "lb_conv_backward_weights",
     "lb_batch_norm_forward",
     "lb_batch_norm_backward",
+    "lb_matmul",
+    "lb_max_pool_forward",
+    "lb_max_pool_backward",
 )
 BATCH_AXIS = "data"  # the mesh axis train.py shards the batch over
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -67,6 +78,8 @@ def library() -> ctypes.CDLL:
     lib.lb_onednn_isa.restype = ctypes.c_char_p
     lib.lb_batch_norm_workspace_bytes.restype = ctypes.c_int64
     lib.lb_batch_norm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64]
+    lib.lb_max_pool_workspace_bytes.restype = ctypes.c_int64
+    lib.lb_max_pool_workspace_bytes.argtypes = [ctypes.c_int64] * 13 + [ctypes.c_int, ctypes.c_int64]
     return lib
 
 
@@ -296,3 +309,138 @@ def _batch_norm_backward(group, epsilon, relu, residuals, cotangents):
 
 
 _batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+# --------------------------------------------------------------------------
+# Fully connected layers.
+# --------------------------------------------------------------------------
+
+
+def _matmul(a, b, result_dtype, transpose_a=False, transpose_b=False):
+    """op(a) @ op(b) through lb_matmul, op = transpose where asked (read through strides, no copy)."""
+    library()
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    result = jax.ShapeDtypeStruct((m, n), result_dtype)
+    call = jax.ffi.ffi_call("lb_matmul", result)
+    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b, threads=np.int64(threads_per_device()))
+
+
+@jax.custom_vjp
+def dense(x, kernel):
+    """oneDNN's x @ kernel in x's dtype (float32 or bfloat16): a fully connected layer without its bias.
+
+    Args:
+      x: [N, K], float32 or bfloat16 (the compute dtype), its rows sharded
+        over the mesh's "data" axis as conv2d's batch is.
+      kernel: [K, O], float32 (cast to x's dtype for the primitives).
+
+    Returns:
+      [N, O] in x's dtype (oneDNN accumulates in float32 and rounds once); the
+      kernel's gradient is float32 from oneDNN's accumulation.
+    """
+    return _dense_forward(x, kernel)[0]
+
+
+def _dense_forward(x, kernel):
+    if x.ndim != 2 or x.dtype not in DTYPES:
+        raise TypeError(f"onednn dense takes a float32 or bfloat16 matrix, not {x.dtype}{list(x.shape)}.")
+    weights = kernel.astype(x.dtype)
+    run = lambda x, w, sharded: _matmul(x, w, x.dtype)  # noqa: E731
+    return _per_device(run, (x,), (weights,), BATCHED), (x, kernel)
+
+
+def _dense_backward(residuals, dy):
+    x, kernel = residuals
+    dy = dy.astype(x.dtype)
+    weights = kernel.astype(x.dtype)
+    data = lambda dy, w, sharded: _matmul(dy, w, x.dtype, transpose_b=True)  # noqa: E731
+    dx = _per_device(data, (dy,), (weights,), BATCHED)
+
+    def grads(x, dy, sharded):
+        dw = _matmul(x, dy, jnp.float32, transpose_a=True)
+        return jax.lax.psum(dw, BATCH_AXIS) if sharded else dw
+
+    dw = _per_device(grads, (x, dy), (), REPLICATED)
+    return dx, dw.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_forward, _dense_backward)
+
+
+# --------------------------------------------------------------------------
+# Max pooling.
+# --------------------------------------------------------------------------
+
+
+def max_pool(x, window: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int]):
+    """oneDNN's max pooling of NHWC x, as flax.linen.max_pool computes it (padding is never the maximum).
+
+    Args:
+      x: [N, H, W, C], float32 or bfloat16.
+      window: (height, width).
+      strides: (height, width).
+      pads: (top, bottom, left, right).
+
+    Returns:
+      [N, OH, OW, C] in x's dtype. Its gradient sends each output's cotangent to
+      the first maximum of its window, as XLA's select_and_scatter does.
+    """
+    if x.ndim != 4 or x.dtype not in DTYPES:
+        raise TypeError(f"onednn max_pool takes float32 or bfloat16 NHWC, not {x.dtype}{list(x.shape)}.")
+    oh, ow = _output_hw(x.shape, window + (None, None), strides, pads)
+    # Rows and columns past the last window are never read; oneDNN wants them gone.
+    x = x[:, : (oh - 1) * strides[0] + window[0] - pads[0], : (ow - 1) * strides[1] + window[1] - pads[2], :]
+    pads = (pads[0], (oh - 1) * strides[0] + window[0] - pads[0] - x.shape[1],
+            pads[2], (ow - 1) * strides[1] + window[1] - pads[2] - x.shape[2])  # fmt: skip
+    return _max_pool(x, tuple(window), tuple(strides), pads)
+
+
+def _pool_attrs(window, strides, pads) -> dict:
+    as_array = lambda values: np.asarray(values, np.int64)  # noqa: E731
+    return dict(window=as_array(window), strides=as_array(strides), pads=as_array(pads),
+                threads=np.int64(threads_per_device()))  # fmt: skip
+
+
+def _pool_workspace_bytes(x_shape, y_shape, dtype, window, strides, pads) -> int:
+    """Bytes of oneDNN's forward-to-backward workspace per example."""
+    (_, h, w, c), (_, oh, ow, _) = x_shape, y_shape
+    bf16 = int(dtype == jnp.bfloat16)
+    size = library().lb_max_pool_workspace_bytes(h, w, c, oh, ow, *window, *strides, *pads, bf16, threads_per_device())
+    if size < 0:
+        raise RuntimeError(f"oneDNN has no max pooling for {x_shape} {dtype} on this CPU.")
+    return size
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+    return _max_pool_forward(x, window, strides, pads)[0]
+
+
+def _max_pool_forward(x, window, strides, pads):
+    def run(x, sharded):
+        oh, ow = _output_hw(x.shape, window + (None, None), strides, pads)
+        y = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), x.dtype)
+        per_example = _pool_workspace_bytes(x.shape, y.shape, x.dtype, window, strides, pads)
+        workspace = jax.ShapeDtypeStruct((x.shape[0], per_example), jnp.uint8)
+        library()
+        return tuple(jax.ffi.ffi_call("lb_max_pool_forward", (y, workspace))(x, **_pool_attrs(window, strides, pads)))
+
+    y, workspace = _per_device(run, (x,), (), (BATCHED, BATCHED))
+    return y, workspace
+
+
+def _max_pool_backward(window, strides, pads, workspace, dy):
+    def run(dy, workspace, sharded):
+        n, oh, ow, c = dy.shape  # max_pool cropped x to what the windows cover, pads included:
+        h, w = (
+            (oh - 1) * strides[0] + window[0] - pads[0] - pads[1],
+            (ow - 1) * strides[1] + window[1] - pads[2] - pads[3],
+        )
+        dx = jax.ShapeDtypeStruct((n, h, w, c), dy.dtype)
+        return jax.ffi.ffi_call("lb_max_pool_backward", dx)(dy, workspace, **_pool_attrs(window, strides, pads))
+
+    return (_per_device(run, (dy, workspace), (), BATCHED),)
+
+
+_max_pool.defvjp(_max_pool_forward, _max_pool_backward)

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import BatchNorm, Conv
+from models.layers import BatchNorm, Conv, Dense, max_pool
 
 
 def conv(features, kernel, strides=1, *, use_bias, impl, dtype, name=None):
@@ -108,7 +108,7 @@ class ResNet(nn.Module):
       use_bn: False gives a normalisation-free network (biases on the convs),
         used where results must not depend on how the batch is split.
       bn_group_size: see models.layers.BatchNorm.
-      conv_impl: how convolutions are computed, see models.layers.conv2d
+      conv_impl: how convolutions and the head are computed, see models.layers.conv2d
         ("onednn", "xla" or "lax"; same values and gradients).
       dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     """
@@ -151,7 +151,7 @@ class ResNet(nn.Module):
         else:
             x = nn.relu(x)
         if self.imagenet_stem:
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)), impl=self.conv_impl)
         block_kwargs = dict(common, zero_init_last_bn=self.zero_init_last_bn)
         if self.block is BottleneckBlock:
             block_kwargs["stride_on_3x3"] = self.stride_on_3x3
@@ -162,7 +162,7 @@ class ResNet(nn.Module):
                     x, train
                 )
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        x = Dense(self.num_classes, impl=self.conv_impl, dtype=self.dtype, name="head")(x)
         return x.astype(jnp.float32)
 
 

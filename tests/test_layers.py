@@ -116,6 +116,152 @@ def test_onednn_bfloat16_within_rounding_of_float64(shape, kernel, stride, paddi
         assert np.all(error <= bound), f"{name}: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
 
 
+# --------------------------------------------------------------------------
+# Dense layers (oneDNN's matmul) against float64.
+# --------------------------------------------------------------------------
+
+# (batch, inputs, outputs): AlexNet's fc layers at reduced size, a ResNet head, odd sizes.
+DENSE_CASES = [(8, 64, 32), (5, 37, 11), (16, 256, 10), (3, 1, 7)]
+
+
+def dense_reference(x, w, dy):
+    """float64 (y, dx, dw) of y = x @ w and the float64 sums of absolute products behind each entry."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    values = (x @ w, dy @ w.T, x.T @ dy)
+    magnitudes = (np.abs(x) @ np.abs(w), np.abs(dy) @ np.abs(w.T), np.abs(x.T) @ np.abs(dy))
+    return values, magnitudes
+
+
+def dense_case(batch, inputs, outputs, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, inputs)).astype(np.float32)
+    w = (rng.standard_normal((inputs, outputs)) / np.sqrt(inputs)).astype(np.float32)
+    dy = rng.standard_normal((batch, outputs)).astype(np.float32)
+    return x, w, dy
+
+
+def dense_vjp(x, w, dy, impl):
+    model = layers.Dense(w.shape[1], impl=impl, dtype=jnp.asarray(x).dtype)
+    params = {"params": {"kernel": jnp.asarray(w), "bias": jnp.zeros(w.shape[1])}}
+    y, vjp = jax.vjp(lambda x, params: model.apply(params, x), jnp.asarray(x), params)
+    dx, dparams = vjp(jnp.asarray(dy))
+    return y, dx, dparams["params"]["kernel"], dparams["params"]["bias"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,inputs,outputs", DENSE_CASES)
+def test_dense_float32_values_and_gradients_within_rounding_of_float64(impl, batch, inputs, outputs):
+    x, w, dy = dense_case(batch, inputs, outputs)
+    y, dx, dw, db = dense_vjp(x, w, dy, impl)
+    assert [a.dtype for a in (y, dx, dw)] == [jnp.float32] * 3
+    want, magnitude = dense_reference(x, w, dy)
+    for name, g, v, m, n in zip(("y", "dx", "dw"), (y, dx, dw), want, magnitude, (inputs, outputs, batch)):
+        assert g.shape == v.shape, name
+        error = np.abs(np.asarray(g, np.float64) - v)
+        bound = gamma(n) * m
+        assert np.all(error <= bound), f"{name}: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
+    # The bias gradient is the column sum of dy.
+    dy64 = np.asarray(dy, np.float64)
+    assert np.all(np.abs(np.asarray(db, np.float64) - dy64.sum(0)) <= gamma(batch) * np.abs(dy64).sum(0))
+
+
+@pytest.mark.parametrize("batch,inputs,outputs", DENSE_CASES[:3])
+def test_onednn_dense_bfloat16_within_rounding_of_float64(batch, inputs, outputs):
+    x, w, dy = dense_case(batch, inputs, outputs)
+    if not onednn.bfloat16_supported():
+        # No bfloat16 kernels on this CPU (e.g. AVX2 only): a clear error, not a silent fallback.
+        with pytest.raises(jax.errors.JaxRuntimeError, match="oneDNN has no matmul for this shape and dtype"):
+            onednn.dense(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w)).block_until_ready()
+        return
+    x, w_bf16, dy = (np.asarray(a.astype(ml_dtypes.bfloat16)) for a in (x, w, dy))
+    y, dx, dw, _ = dense_vjp(x, w, dy, "onednn")
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    # The kernel is cast to bfloat16 inside: the reference takes the rounded kernel.
+    want, magnitude = dense_reference(x.astype(np.float32), w_bf16.astype(np.float32), dy.astype(np.float32))
+    output_rounding = [U_BF16, U_BF16, 0.0]  # y and dx are bfloat16, dw float32
+    terms = (inputs, outputs, batch)
+    for name, g, v, m, n, r in zip(("y", "dx", "dw"), (y, dx, dw), want, magnitude, terms, output_rounding):
+        error = np.abs(np.asarray(g, np.float64) - v)
+        bound = gamma(n) * m * (1 + r) + r * np.abs(v)
+        assert np.all(error <= bound), f"{name}: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
+
+
+def test_onednn_dense_rejects_what_it_does_not_handle():
+    with pytest.raises(TypeError, match="float32 or bfloat16 matrix, not float16"):
+        onednn.dense(jnp.ones((2, 3), jnp.float16), jnp.ones((3, 4)))
+    with pytest.raises(TypeError, match=r"not float32\[2, 3, 4\]"):
+        onednn.dense(jnp.ones((2, 3, 4)), jnp.ones((4, 4)))
+
+
+# --------------------------------------------------------------------------
+# Max pooling against a NumPy loop in float64.
+# --------------------------------------------------------------------------
+
+# (input NHWC, window, stride, padding): AlexNet's pools (ImageNet and CIFAR), ResNet-50's stem, odd sizes.
+POOL_CASES = [
+    ((2, 15, 15, 5), 3, 2, "VALID"),  # AlexNet 3x3/2, an odd size
+    ((2, 14, 14, 5), 3, 2, "VALID"),  # a row and a column past the last window
+    ((2, 16, 16, 4), 2, 2, "VALID"),  # CIFAR AlexNet 2x2/2
+    ((3, 12, 11, 6), 3, 2, ((1, 1), (1, 1))),  # ResNet-50's stem pool
+]
+
+
+def pool_reference(x, dy, window, stride, pads):
+    """float64 (y, dx): each window's maximum over the unpadded pixels, its cotangent sent to the window's
+    first maximum in row-major order (XLA's select_and_scatter), and the sum of |dy| arriving at each pixel."""
+    n, h, w, c = x.shape
+    _, oh, ow, _ = dy.shape
+    y = np.empty(dy.shape)
+    dx, magnitude = np.zeros(x.shape), np.zeros(x.shape)
+    for b, i, j, k in np.ndindex(n, oh, ow, c):
+        rows = range(max(i * stride - pads[0], 0), min(i * stride - pads[0] + window, h))
+        cols = range(max(j * stride - pads[2], 0), min(j * stride - pads[2] + window, w))
+        cells = [(r, q) for r in rows for q in cols]
+        values = [x[b, r, q, k] for r, q in cells]
+        r, q = cells[int(np.argmax(values))]  # argmax: the first maximum
+        y[b, i, j, k] = values[int(np.argmax(values))]
+        dx[b, r, q, k] += dy[b, i, j, k]
+        magnitude[b, r, q, k] += abs(dy[b, i, j, k])
+    return y, dx, magnitude
+
+
+def pool_case(shape, seed=0):
+    """Images after a ReLU, rounded to 1/4: many windows hold equal maxima (zeros), so ties are tested."""
+    rng = np.random.default_rng(seed)
+    return np.maximum(np.round(4 * rng.standard_normal(shape)) / 4, 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,window,stride,padding", POOL_CASES)
+def test_max_pool_values_and_gradient_against_float64(impl, dtype, shape, window, stride, padding):
+    x = pool_case(shape)
+    if dtype == jnp.bfloat16 and impl == "onednn" and not onednn.bfloat16_supported():
+        # No bfloat16 kernels on this CPU (e.g. AVX2 only): a clear error, not a silent fallback.
+        with pytest.raises(RuntimeError, match="oneDNN has no max pooling for .* bfloat16 on this CPU"):
+            layers.max_pool(jnp.asarray(x, dtype), (window, window), (stride, stride), padding, impl)
+        return
+    pool = lambda a: layers.max_pool(a, (window, window), (stride, stride), padding, impl)  # noqa: E731
+    y, vjp = jax.vjp(pool, jnp.asarray(x, dtype))
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    dy = np.asarray(jnp.asarray(dy, dtype), np.float32)  # rounded to the compute dtype first
+    (dx,) = vjp(jnp.asarray(dy, dtype))
+    assert (y.dtype, dx.dtype) == (dtype, dtype)
+    pads = (0, 0, 0, 0) if padding == "VALID" else tuple(p for pair in padding for p in pair)
+    want_y, want_dx, magnitude = pool_reference(x.astype(np.float64), dy.astype(np.float64), window, stride, pads)
+    np.testing.assert_array_equal(np.asarray(y, np.float64), want_y)  # a maximum is exact
+    # Overlapping windows sum up to window^2 cotangents at a pixel, each addition rounded in at most the
+    # compute dtype (oneDNN's bfloat16 backward accumulates in bfloat16).
+    bound = gamma(window * window, U_BF16 if dtype == jnp.bfloat16 else U32) * magnitude
+    error = np.abs(np.asarray(dx, np.float64) - want_dx)
+    assert np.all(error <= bound), f"dx: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
+
+
+def test_onednn_max_pool_rejects_what_it_does_not_handle():
+    with pytest.raises(TypeError, match="float32 or bfloat16 NHWC, not float16"):
+        onednn.max_pool(jnp.ones((1, 4, 4, 2), jnp.float16), (2, 2), (2, 2), (0, 0, 0, 0))
+
+
 def test_onednn_isa_and_version_are_reported():
     assert onednn.version() == "3.2.0"
     assert onednn.isa() in {"AVX2", "AVX2-VNNI", "AVX2-VNNI-2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16",

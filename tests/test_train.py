@@ -80,7 +80,7 @@ def onednn_jpeg_run(cifar10_dir, tmp_path_factory):
 def test_end_to_end_on_cifar10_jpegs(onednn_jpeg_run):
     """150 steps on the real images: accuracy far above chance, all logs written."""
     run, output = onednn_jpeg_run
-    assert "Convolutions and BatchNorm: oneDNN 3.2" in output
+    assert "Convolutions, dense layers, max pooling and BatchNorm: oneDNN 3.2" in output
     evals = metrics(run, "eval")
     assert [e["step"] for e in evals] == [75, 150]
     assert all(e["eval_count"] == 10_000 for e in evals)
