@@ -266,7 +266,7 @@ class Dense(nn.Module):
         if self.impl == "onednn":
             from models import onednn
 
-            y = onednn.dense(x, kernel)
+            y = onednn.dense(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + (self.features,))
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
         return y + bias.astype(self.dtype)

@@ -257,6 +257,36 @@ def test_max_pool_values_and_gradient_against_float64(impl, dtype, shape, window
     assert np.all(error <= bound), f"dx: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
 
 
+def on_four_devices(fn, x, *replicated):
+    """fn(x, *replicated) and its vjp, jitted, with x's batch sharded over 4 devices as train.py's mesh does."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+
+    def under_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    sharded = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    return jax.vjp(jax.jit(under_mesh), sharded, *map(jnp.asarray, replicated))
+
+
+def test_onednn_max_pool_and_dense_on_four_devices_against_float64():
+    """Each device pools and multiplies its own shard (the workspace and the kernel gradient's sum
+    over devices go through shard_map): the same bounds as on one device."""
+    x = pool_case((8, 15, 15, 5))
+    dy = np.random.default_rng(1).standard_normal((8, 7, 7, 5)).astype(np.float32)
+    y, vjp = on_four_devices(lambda a: onednn.max_pool(a, (3, 3), (2, 2), (0, 0, 0, 0)), x)
+    (dx,) = vjp(jnp.asarray(dy))
+    want_y, want_dx, magnitude = pool_reference(x.astype(np.float64), dy.astype(np.float64), 3, 2, (0, 0, 0, 0))
+    np.testing.assert_array_equal(np.asarray(y, np.float64), want_y)
+    assert np.all(np.abs(np.asarray(dx, np.float64) - want_dx) <= gamma(9) * magnitude)
+
+    x, w, dy = dense_case(8, 64, 32)
+    y, vjp = on_four_devices(onednn.dense, x, w)
+    want, magnitude = dense_reference(x, w, dy)
+    for name, g, v, m, n in zip(("y", "dx", "dw"), (y, *vjp(jnp.asarray(dy))), want, magnitude, (64, 32, 8)):
+        assert np.all(np.abs(np.asarray(g, np.float64) - v) <= gamma(n) * m), name
+
+
 def test_onednn_max_pool_rejects_what_it_does_not_handle():
     with pytest.raises(TypeError, match="float32 or bfloat16 NHWC, not float16"):
         onednn.max_pool(jnp.ones((1, 4, 4, 2), jnp.float16), (2, 2), (2, 2), (0, 0, 0, 0))
