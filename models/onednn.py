@@ -125,13 +125,22 @@ def _call(target: str, result: jax.ShapeDtypeStruct, a, b, strides, pads):
     )
 
 
-def _output_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
-    (_, h, w, _), (kh, kw, _, _) = x_shape, kernel_shape
+def _output_hw(x_shape, window, strides, pads) -> tuple[int, int]:
+    (_, h, w, _), (kh, kw) = x_shape, window
     return (h + pads[0] + pads[1] - kh) // strides[0] + 1, (w + pads[2] + pads[3] - kw) // strides[1] + 1
 
 
+def _crop_to_windows(x, window, strides, pads):
+    """x without the rows and columns past the last window (never read; oneDNN wants them gone), and
+    the bottom and right pads that the output size then implies."""
+    (kh, kw), (sh, sw) = window, strides
+    oh, ow = _output_hw(x.shape, window, strides, pads)
+    x = x[:, : (oh - 1) * sh + kh - pads[0], : (ow - 1) * sw + kw - pads[2], :]
+    return x, (pads[0], (oh - 1) * sh + kh - pads[0] - x.shape[1], pads[2], (ow - 1) * sw + kw - pads[2] - x.shape[2])
+
+
 def _forward(x, kernel, strides, pads):
-    oh, ow = _output_hw(x.shape, kernel.shape, strides, pads)
+    oh, ow = _output_hw(x.shape, kernel.shape[:2], strides, pads)
     result = jax.ShapeDtypeStruct((x.shape[0], oh, ow, kernel.shape[3]), x.dtype)
     return _call("lb_conv_forward", result, x, kernel, strides, pads)
 
@@ -187,10 +196,7 @@ def conv2d(x, kernel, strides: tuple[int, int], pads: tuple[int, int, int, int])
     if (kh, kw) == (1, 1) and pads == (0, 0, 0, 0):
         # A strided 1x1 convolution reads every s-th pixel: take them, then one GEMM-shaped call.
         return _conv2d(x[:, ::sh, ::sw, :], kernel, (1, 1), pads)
-    # Rows and columns past the last window are never read; oneDNN wants them gone.
-    oh, ow = _output_hw(x.shape, kernel.shape, strides, pads)
-    x = x[:, : (oh - 1) * sh + kh - pads[0], : (ow - 1) * sw + kw - pads[2], :]
-    pads = (pads[0], (oh - 1) * sh + kh - pads[0] - x.shape[1], pads[2], (ow - 1) * sw + kw - pads[2] - x.shape[2])
+    x, pads = _crop_to_windows(x, (kh, kw), strides, pads)
     return _conv2d(x, kernel, strides, pads)
 
 
@@ -388,11 +394,7 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], pads: tuple[i
     """
     if x.ndim != 4 or x.dtype not in DTYPES:
         raise TypeError(f"onednn max_pool takes float32 or bfloat16 NHWC, not {x.dtype}{list(x.shape)}.")
-    oh, ow = _output_hw(x.shape, window + (None, None), strides, pads)
-    # Rows and columns past the last window are never read; oneDNN wants them gone.
-    x = x[:, : (oh - 1) * strides[0] + window[0] - pads[0], : (ow - 1) * strides[1] + window[1] - pads[2], :]
-    pads = (pads[0], (oh - 1) * strides[0] + window[0] - pads[0] - x.shape[1],
-            pads[2], (ow - 1) * strides[1] + window[1] - pads[2] - x.shape[2])  # fmt: skip
+    x, pads = _crop_to_windows(x, window, strides, pads)
     return _max_pool(x, tuple(window), tuple(strides), pads)
 
 
@@ -419,7 +421,7 @@ def _max_pool(x, window, strides, pads):
 
 def _max_pool_forward(x, window, strides, pads):
     def run(x, sharded):
-        oh, ow = _output_hw(x.shape, window + (None, None), strides, pads)
+        oh, ow = _output_hw(x.shape, window, strides, pads)
         y = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), x.dtype)
         per_example = _pool_workspace_bytes(x.shape, y.shape, x.dtype, window, strides, pads)
         workspace = jax.ShapeDtypeStruct((x.shape[0], per_example), jnp.uint8)
