@@ -118,6 +118,25 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
         assert [r["test_top1"] for r in csv.DictReader(f)] == [r["test_top1"] for r in rows]
 
 
+def test_sweep_goes_past_an_edge_where_either_view_wins():
+    """next_factor on hand-written cells of the grid 1/2, 1, 2 (lr_factor, steps to target, final validation)."""
+
+    def cell(*runs):
+        return [{"lr_factor": f, "steps_to_target": s, "final_validation_top1": v} for f, s, v in runs]
+
+    grid = [0.5, 1.0, 2.0]
+    assert study.next_factor(cell((0.5, "", 0.6)), grid, extend=2) == 1.0  # the grid first
+    assert study.next_factor(cell((0.5, "", 0.6), (1, "900", 0.72), (2, "", 0.69)), grid, extend=2) is None
+    # Fewest steps inside the grid (1), but the best at the budget at its top edge (2): one more up.
+    assert study.next_factor(cell((0.5, "", 0.6), (1, "900", 0.72), (2, "1000", 0.75)), grid, extend=2) == 4.0
+    # No run reaches the target: the budget view alone decides; here at the bottom edge.
+    assert study.next_factor(cell((0.5, "", 0.4), (1, "", 0.3), (2, "", 0.2)), grid, extend=2) == 0.25
+    # Still at the edge after the extension, but `extend` runs past the grid are the limit.
+    done = cell((0.25, "", 0.45), (0.5, "", 0.4), (1, "", 0.3), (2, "", 0.2))
+    assert study.next_factor(done, grid, extend=2) == 0.125
+    assert study.next_factor(done, grid, extend=1) is None
+
+
 def test_study_rejects_unknown_method_before_writing(tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "tools.study", f"--out={out}", "--methods=sgd,adam", "--data_dir=/nonexistent"]
@@ -130,7 +149,9 @@ def test_study_rejects_unknown_method_before_writing(tmp_path):
 def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
     """--report on a hand-written CSV: one cell with three runs, one not run yet; nothing is started."""
     out, page = tmp_path / "study", tmp_path / "study.md"
-    page.write_text("<!-- study:begin -->\nold\n<!-- study:end -->\n")
+    readme = tmp_path / "README.md"
+    for each in (page, readme):
+        each.write_text("<!-- study:begin -->\nold\n<!-- study:end -->\n")
     runs = [("0.05", "0.5", "2450", "0.7052", "0.708"), ("0.1", "1.0", "1925", "0.735", "0.7377"),
             ("0.2", "2.0", "1925", "0.763", "0.754")]  # fmt: skip
     out.mkdir()
@@ -143,9 +164,10 @@ def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
                                  test_top1=test, test_top5=0.98, final_train_loss=0.6, validation_split="x",
                                  config="c", wall_s=1))  # fmt: skip
     command = [sys.executable, "-m", "tools.study", f"--out={out}", "--methods=sgd", "--batches=128,512", "--report",
-               f"--page={page}", "--data_dir=/nonexistent"]  # fmt: skip
+               f"--page={page}", f"--page={readme}", "--data_dir=/nonexistent"]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     text = page.read_text()
+    assert readme.read_text() == text  # every --page gets the same tables
     # Fewest steps 1,925 is a tie of LR 0.1 and 0.2: the higher final validation top-1 (0.763) wins;
     # the budget view takes that run too, and reports its test top-1.
     assert "| 128 | 1925 (0.2) |" in text and "| 128 | 75.4 (76.3, 0.2, 2808) |" in text, text

@@ -1,13 +1,14 @@
 """The batch-size study: LARS against momentum SGD with linear scaling, each with its own learning rates.
 
-    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --page docs/study.md
+    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --page docs/study.md --page README.md
 
 Every run is one cell of configs/cifar10_study.py, run as
 `python main.py --config=configs/cifar10_study.py:<variant> --workdir=OUT/runs/<run>`
 with no overrides. For each method and batch size it sweeps the peak
 learning rate over the method's scaling rule x 1/2, 1, 2 (`--lr_factors`); when
-the best sits at an edge, the sweep goes one factor of 2 further that way
-(`--extend` times). Two views of the same runs (Shallue et al. 2018, arXiv:1811.03600):
+the best of either view sits at an edge, the sweep goes one factor of 2 further
+that way, up to `--extend` runs past the grid. Two views of the same runs
+(Shallue et al. 2018, arXiv:1811.03600):
 
   steps to target   the fewest steps, over the sweep, at which validation top-1
                     first reaches --target (evaluated 16 times per run)
@@ -26,7 +27,7 @@ Writes:
   OUT/steps_to_target.png  steps to target against batch size, log-log, with perfect scaling
   OUT/accuracy.png         test top-1 at the fixed budget against batch size
   OUT/trust_ratios.png     LARS per-layer trust ratios, smallest vs largest batch
-  PAGE                     the two tables between the study markers (--page)
+  PAGE                     the two tables between the study markers (each --page)
 """
 
 import argparse
@@ -172,7 +173,8 @@ def best_at_budget(rows: list[dict]) -> dict | None:
 
 
 def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | None:
-    """The next learning-rate factor to run in a cell: the grid first, then one step past an edge that won."""
+    """The next learning-rate factor to run in a cell: the grid first, then one step past an edge where
+    either view's best run sits (at most `extend` steps past the grid in all)."""
     done = {float(r["lr_factor"]) for r in rows}
     for factor in factors:
         if factor not in done:
@@ -180,10 +182,11 @@ def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | 
     ordered = sorted(done)
     if len(ordered) - len(factors) >= extend:
         return None
-    best = fewest_steps(rows) or best_at_budget(rows)
-    if float(best["lr_factor"]) == ordered[0]:
+    # The best of either view: a cell's fewest-steps run and its best-at-budget run can differ.
+    best = {float(r["lr_factor"]) for r in (fewest_steps(rows), best_at_budget(rows)) if r is not None}
+    if ordered[0] in best:
         return ordered[0] / 2
-    if float(best["lr_factor"]) == ordered[-1]:
+    if ordered[-1] in best:
         return ordered[-1] * 2
     return None
 
@@ -314,8 +317,8 @@ def report(rows, methods, batches, args, out, csv_path):
     if "lars" in methods and small and large:
         names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
         plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
-    if args.page:
-        update_page(args.page, rows, methods, batches, args, csv_path)
+    for page in args.page:
+        update_page(page, rows, methods, batches, args, csv_path)
     print(steps_table(rows, methods, batches))
     print(budget_table(rows, methods, batches))
 
@@ -327,13 +330,15 @@ def parse_args(argv=None):
     parser.add_argument("--batches", default="128,512,2048,8192")
     parser.add_argument("--methods", default="sgd,lars")
     parser.add_argument("--lr_factors", default="0.5,1,2", help="the sweep, as multiples of each method's rule")
-    parser.add_argument("--extend", type=int, default=1, help="extra LRs per cell past an edge that won")
+    parser.add_argument("--extend", type=int, default=5, help="extra LRs per cell past an edge that won")
     parser.add_argument("--target", type=float, default=0.70, help="validation top-1 of the steps-to-target view")
     parser.add_argument("--epochs", type=float, default=cifar10_study.EPOCHS)
     parser.add_argument("--validation", type=int, default=cifar10_study.VALIDATION_IMAGES)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
-    parser.add_argument("--page", default="", help="Markdown page whose study section gets the tables")
+    parser.add_argument(
+        "--page", action="append", default=[], help="Markdown page whose study section gets the tables (repeatable)"
+    )
     return parser.parse_args(argv)
 
 
