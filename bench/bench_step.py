@@ -4,6 +4,7 @@ against PyTorch CPU eager (float32 and bfloat16 autocast) on the same networks.
     .venv/bin/pip install -r bench/requirements.txt   # torch, CPU build
     python -m bench.bench_step            # 3 models x 2 batch sizes
     python -m bench.bench_step --quick    # 1 batch size per model, 3 timed steps
+    python -m bench.bench_step --quick --max_isa AVX2   # as an AVX2-only CPU runs it
 
 Ours is the training loop's own step (train.prepare_model + train.jit_train_step
 from the model's configs/ file: forward, backward, LARS, metrics, non-finite
@@ -72,9 +73,29 @@ def model(name: str) -> Model:
     return next(m for m in MODELS if m.name == name)
 
 
+def limit_isa(isa: str):
+    """Makes this process and the cells it starts run as on a CPU whose vector ISA stops at `isa`
+    (e.g. AVX2 on an AVX-512 machine): oneDNN's (ours and PyTorch's) and PyTorch's own kernels, XLA's
+    code generation and OpenBLAS. The cores, caches and memory stay this machine's."""
+    os.environ.update(
+        ONEDNN_MAX_CPU_ISA=isa,
+        ATEN_CPU_CAPABILITY=isa.lower(),
+        MKL_ENABLE_INSTRUCTIONS=isa,
+        OPENBLAS_CORETYPE={"AVX2": "Haswell"}[isa],
+        LARGEBATCH_XLA_MAX_ISA=isa,
+    )
+    os.environ["XLA_FLAGS"] = xla_flags(1)  # this process's matmul peak
+
+
+def xla_flags(devices: int) -> str:
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    isa = os.environ.get("LARGEBATCH_XLA_MAX_ISA")
+    return f"{flags} --xla_cpu_max_isa={isa}" if isa else flags
+
+
 def measure(cell: Cell) -> float:
     """Seconds per training step of `cell`, measured in a fresh process (nothing cached between cells)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={cell.devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(cell.devices))
     command = [sys.executable, "-m", "bench.bench_step", "--cell", json.dumps(dataclasses.asdict(cell))]
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode:
@@ -150,8 +171,7 @@ def time_end_to_end(cell: Cell) -> float:
                          conv_impl=cell.conv_impl, dtype=cell.dtype)  # fmt: skip
         command = [sys.executable, "main.py", f"--config=configs/{spec.config}.py", f"--workdir={workdir}/run"]
         command += [f"--config.{k}={v}" for k, v in overrides.items()]
-        env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1))
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr[-3000:])
@@ -177,8 +197,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one batch size per model, 3 timed steps")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per cell (default 5, quick 3)")
     parser.add_argument("--models", default=",".join(m.name for m in MODELS))
+    parser.add_argument("--max_isa", choices=["AVX2"], help="run every cell as on a CPU with this ISA at most")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.max_isa:
+        limit_isa(args.max_isa)
     if args.cell:
         print(json.dumps({"seconds": run_cell(Cell(**json.loads(args.cell)))}))
         return
@@ -191,7 +214,8 @@ def main():
     from models import onednn
 
     bf16 = onednn.bfloat16_supported()
-    print(f"{cpu_description()}; matmul peak {peak / 1e9:.0f} GFLOP/s; best of {steps} steps", flush=True)
+    emulated = f"; vector ISA limited to {args.max_isa} (--max_isa)" if args.max_isa else ""
+    print(f"{cpu_description()}{emulated}; matmul peak {peak / 1e9:.0f} GFLOP/s; best of {steps} steps", flush=True)
     if not bf16:
         print("No bfloat16 convolutions on this CPU (oneDNN needs AVX512-BF16 or AMX): bf16 columns n/a.")
     print("| model | batch | ours oneDNN f32 | oneDNN f32, 2 devices | ours oneDNN bf16 | ours XLA f32 "
