@@ -95,7 +95,9 @@ def xla_flags(devices: int) -> str:
 
 def measure(cell: Cell) -> float:
     """Seconds per training step of `cell`, measured in a fresh process (nothing cached between cells)."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags(cell.devices))
+    # TensorFlow (the input pipeline's import) as main.py has it: without its oneDNN rewrites, whose
+    # banner it prints on CPUs with AVX512-VNNI.
+    env = dict(os.environ, XLA_FLAGS=xla_flags(cell.devices), TF_ENABLE_ONEDNN_OPTS="0")
     command = [sys.executable, "-m", "bench.bench_step", "--cell", json.dumps(dataclasses.asdict(cell))]
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode:
