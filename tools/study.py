@@ -226,8 +226,8 @@ def budget_table(rows: list[dict], methods, batches) -> str:
     return batch_by_method_table(rows, methods, batches, "test top-1 % (validation %, LR, steps)", budget_text)
 
 
-def update_page(page, rows: list[dict], methods, batches, args, csv_path):
-    """The study section of a Markdown page: both tables and where they come from."""
+def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
+    """The study section of each Markdown page: both tables and where they come from."""
     target = f"{100 * args.target:g}%"
     text = (
         f"Steps to {target} validation top-1 (fewest over the learning-rate sweep; LR of that run):\n\n"
@@ -236,7 +236,8 @@ def update_page(page, rows: list[dict], methods, batches, args, csv_path):
         + budget_table(rows, methods, batches)
         + f"\n\n_{len(rows)} runs, from `{csv_path}`._"
     )
-    replace_section(page, "study", text)
+    for page in pages:
+        replace_section(page, "study", text)
 
 
 def plot_steps_to_target(rows, methods, batches, target, path):
@@ -317,8 +318,7 @@ def report(rows, methods, batches, args, out, csv_path):
     if "lars" in methods and small and large:
         names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
         plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
-    for page in args.page:
-        update_page(page, rows, methods, batches, args, csv_path)
+    update_pages(args.page, rows, methods, batches, args, csv_path)
     print(steps_table(rows, methods, batches))
     print(budget_table(rows, methods, batches))
 
