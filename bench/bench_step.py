@@ -208,6 +208,8 @@ def main():
         print(json.dumps({"seconds": run_cell(Cell(**json.loads(args.cell)))}))
         return
 
+    # TensorFlow (imported with train) as main.py and the cells have it: no oneDNN rewrites, no banner.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import models
     import train
 

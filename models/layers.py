@@ -94,6 +94,29 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+@jax.custom_vjp
+def relu(x):
+    """max(x, 0), whose gradient is masked by the output (y > 0, as PyTorch's ReLU), not the input.
+
+    The same values and gradients as jax.nn.relu (0 at x == 0), but the backward pass keeps only y,
+    so at a residual block's end, relu(BN(x) + shortcut), XLA computes the sum and the ReLU in one
+    pass; with jax.nn.relu the sum is also kept for the backward mask and written out separately.
+    """
+    return jnp.maximum(x, 0)
+
+
+def _relu_forward(x):
+    y = jnp.maximum(x, 0)
+    return y, y
+
+
+def _relu_backward(y, dy):
+    return (jnp.where(y > 0, dy, jnp.zeros_like(dy)),)
+
+
+relu.defvjp(_relu_forward, _relu_backward)
+
+
 def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
     """Cross-channel LRN of Krizhevsky et al. (2012), NHWC.
 

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import BatchNorm, Conv, Dense, max_pool
+from models.layers import BatchNorm, Conv, Dense, max_pool, relu
 
 
 def conv(features, kernel, strides=1, *, use_bias, impl, dtype, name=None):
@@ -81,7 +81,7 @@ class BottleneckBlock(_Blocks):
         y = self.norm(self.conv(self.features, 1, s1, name="conv1")(x), train, relu=True, name="bn1")
         y = self.norm(self.conv(self.features, 3, s3, name="conv2")(y), train, relu=True, name="bn2")
         y = self.norm(self.conv(self.features * 4, 1, name="conv3")(y), train, last=True, name="bn3")
-        return nn.relu(y + self.shortcut(x, self.features * 4, train))
+        return relu(y + self.shortcut(x, self.features * 4, train))
 
 
 class BasicBlock(_Blocks):
@@ -91,7 +91,7 @@ class BasicBlock(_Blocks):
     def __call__(self, x, train: bool):
         y = self.norm(self.conv(self.features, 3, self.strides, name="conv1")(x), train, relu=True, name="bn1")
         y = self.norm(self.conv(self.features, 3, name="conv2")(y), train, last=True, name="bn2")
-        return nn.relu(y + self.shortcut(x, self.features, train))
+        return relu(y + self.shortcut(x, self.features, train))
 
 
 class ResNet(nn.Module):
