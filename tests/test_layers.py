@@ -575,3 +575,14 @@ def test_batch_norm_layer_uses_onednn_where_groups_are_per_device():
     # Running averages: momentum 0.9 from (0, 1), with the mean over groups of the group statistics.
     np.testing.assert_allclose(stats["batch_stats"]["mean"], 0.1 * np.mean(mean64, 0), rtol=0, atol=2**10 * U32)
     np.testing.assert_allclose(stats["batch_stats"]["var"], 0.9 + 0.1 * np.mean(var64, 0), rtol=2**10 * U32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_gradient_is_masked_where_the_output_is_positive(dtype):
+    """layers.relu against the hand-written derivative of max(x, 0): 1 where x > 0, else 0 (also at
+    x == 0 and -0.0, as jax.nn.relu), times the incoming gradient; values exact in either dtype."""
+    x = jnp.asarray([-3.0, -0.0, 0.0, 1e-30, 0.5, 7.0], dtype)
+    dy = jnp.asarray([2.0, 3.0, 5.0, 7.0, 11.0, 13.0], dtype)
+    y, vjp = jax.vjp(layers.relu, x)
+    np.testing.assert_array_equal(np.asarray(y, np.float64), [0.0, 0.0, 0.0, float(x[3]), 0.5, 7.0])
+    np.testing.assert_array_equal(np.asarray(vjp(dy)[0], np.float64), [0.0, 0.0, 0.0, 7.0, 11.0, 13.0])
