@@ -95,9 +95,7 @@ def xla_flags(devices: int) -> str:
 
 def measure(cell: Cell) -> float:
     """Seconds per training step of `cell`, measured in a fresh process (nothing cached between cells)."""
-    # TensorFlow (the input pipeline's import) as main.py has it: without its oneDNN rewrites, whose
-    # banner it prints on CPUs with AVX512-VNNI.
-    env = dict(os.environ, XLA_FLAGS=xla_flags(cell.devices), TF_ENABLE_ONEDNN_OPTS="0")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(cell.devices))
     command = [sys.executable, "-m", "bench.bench_step", "--cell", json.dumps(dataclasses.asdict(cell))]
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode:
@@ -202,14 +200,15 @@ def main():
     parser.add_argument("--max_isa", choices=["AVX2"], help="run every cell as on a CPU with this ISA at most")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # TensorFlow (the input pipeline's import, here and in every cell) as main.py has it: without its
+    # oneDNN rewrites, whose banner it prints on CPUs with AVX512-VNNI.
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
     if args.max_isa:
         limit_isa(args.max_isa)
     if args.cell:
         print(json.dumps({"seconds": run_cell(Cell(**json.loads(args.cell)))}))
         return
 
-    # TensorFlow (imported with train) as main.py and the cells have it: no oneDNN rewrites, no banner.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import models
     import train
 

@@ -268,7 +268,7 @@ def test_command_line_errors_write_nothing(cifar10_small, tmp_path):
     assert not (tmp_path / "typo").exists() and not (tmp_path / "batch").exists()
 
 
-def test_a_non_finite_step_returns_the_state_it_was_given(tmp_path):
+def test_a_non_finite_step_returns_the_state_it_was_given():
     """The in-graph guard, in one jitted step of the demo model on 4 devices: a NaN pixel makes the
     stem's kernel gradient NaN, the step is flagged and hands back its input state bit for bit; the
     next, finite step moves it. The logged global parameter norm is that of the parameters the
