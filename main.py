@@ -241,6 +241,10 @@ def train_in(jax, config, workdir: str) -> int:
     )
     log_kernels(config, train.conv_impl(config))
     try:
+        setup = train.fit_train_step(setup)  # compiled; a step that does not fit in memory stops here
+    except ValueError as e:
+        return fail(str(e), EXIT_CONFIG)
+    try:
         _, result = train.train_and_evaluate(config, workdir, setup)
     except (train.TrainingError, input_pipeline.DataError) as e:
         return fail(str(e), EXIT_RUNTIME)

@@ -2,9 +2,9 @@
 
 Parameters are replicated, the global batch is sharded over the mesh axis
 "data", the train state is donated. A global batch larger than memory is
-split into micro-steps (unrolled, or a lax.scan) whose gradients are
-averaged before one optimizer update. Everything the loop needs is validated before anything is
-compiled or written.
+split into micro-steps (microbatch.py) whose gradients are averaged before
+one optimizer update. Everything the loop needs is validated before anything is
+written, the step's memory included (compiled, not yet run).
 """
 
 import dataclasses
@@ -27,11 +27,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import host_memory
 import input_pipeline
 import lars
+import microbatch
 import models
 import optimizers
 from configs import default
@@ -114,7 +117,9 @@ def bn_group_size(config, per_device_micro: int) -> int | None:
 
 
 def check_batch_arithmetic(config, num_devices: int, num_processes: int) -> tuple[int, int]:
-    """Returns (per-device batch, micro-steps per update) or raises ValueError."""
+    """Returns (per-device batch, micro-steps per update) or raises ValueError.
+
+    With microbatch_size="auto" the micro-steps are 1 until `fit_train_step` picks them."""
     batch, micro = config.batch_size, config.microbatch_size
     if batch <= 0 or batch % num_devices:
         raise ValueError(
@@ -122,6 +127,10 @@ def check_batch_arithmetic(config, num_devices: int, num_processes: int) -> tupl
             f"({num_processes} process(es)); use a multiple of {num_devices}."
         )
     per_device = batch // num_devices
+    if micro == microbatch.AUTO:
+        micro = 0
+    elif not isinstance(micro, int) or isinstance(micro, bool):
+        raise ValueError(f"microbatch_size={micro!r}: use a number of examples per device, 0 or 'auto'.")
     if micro < 0 or (micro and per_device % micro):
         raise ValueError(
             f"microbatch_size={micro} does not divide the per-device batch of {per_device} "
@@ -143,6 +152,7 @@ def check_config(config) -> None:
         "dataset": input_pipeline.DATASETS,
         "conv_impl": layers.CONV_IMPLS,
         "augment": input_pipeline.AUGMENTATIONS,
+        "microbatch_loop": microbatch.LOOPS,
     }
     for key, allowed in choices.items():
         if config.get(key, allowed[0]) not in allowed:
@@ -199,22 +209,6 @@ def _leaf_norms(tree):
 # --------------------------------------------------------------------------
 
 
-def split_microbatches(batch, mesh: Mesh, num_micro: int):
-    """[B, ...] -> [num_micro, B / num_micro, ...], each micro-batch taking its
-    rows from every device's own share, so the split needs no communication."""
-    num_devices = mesh.size
-    sharding = NamedSharding(mesh, P(None, "data"))
-
-    def split(x):
-        per_device = x.shape[0] // num_devices
-        x = x.reshape((num_devices, num_micro, per_device // num_micro) + x.shape[1:])
-        x = jnp.swapaxes(x, 0, 1)
-        x = x.reshape((num_micro, x.shape[1] * x.shape[2]) + x.shape[3:])
-        return jax.lax.with_sharding_constraint(x, sharding)
-
-    return jax.tree.map(split, batch)
-
-
 def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
     """Returns accumulate_grads(state, batch, key) -> (grads, batch_stats, loss, correct).
 
@@ -236,6 +230,8 @@ def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    loop = microbatch.loop_kind(config.microbatch_loop, conv_impl(config), jax.default_backend())
+
     def accumulate_grads(state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)
 
@@ -250,18 +246,9 @@ def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
             return (grads_sum, batch_stats, loss_sum + loss, correct), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        micro = split_microbatches((batch["image"], batch["label"]), mesh, num_micro)
+        micro = microbatch.split((batch["image"], batch["label"]), mesh, num_micro)
         init = (zeros, state.batch_stats, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
-        if config.unroll_microbatches:
-            # Straight-line code: XLA:CPU runs convolutions inside a while loop
-            # about 10x slower (demo model: 0.43 s vs 0.038 s a step, even
-            # for a one-trip lax.scan).
-            carry = init
-            for i in range(num_micro):
-                carry, _ = micro_step(carry, ((micro[0][i], micro[1][i]), i))
-        else:
-            carry, _ = jax.lax.scan(micro_step, init, (micro, jnp.arange(num_micro)))
-        grads, batch_stats, loss, correct = carry
+        grads, batch_stats, loss, correct = microbatch.accumulate(micro_step, init, micro, num_micro, loop)
         return jax.tree.map(lambda g: g / num_micro, grads), batch_stats, loss / num_micro, correct
 
     return accumulate_grads
@@ -446,6 +433,13 @@ class Setup:
     schedule: Callable
     optimizer: optax.GradientTransformation
     num_micro: int
+    # The compiled train step, from `fit_train_step` (which also checks its memory).
+    train_step: Any = None
+
+    @property
+    def micro_size(self) -> int:
+        """Examples per device per micro-step."""
+        return self.config.batch_size // self.mesh.size // self.num_micro
 
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
@@ -533,8 +527,107 @@ def jit_train_step(setup: Setup):
     return jax.jit(on_mesh(step, setup.mesh), donate_argnums=0)
 
 
+def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
+    """Compiles the train step for the run's shapes and checks that it fits in this process's memory.
+
+    With microbatch_size="auto", picks the largest micro-batch (a divisor of the per-device
+    share, whole ghost batches) whose step fits, and logs it.
+
+    Args:
+      setup: from `prepare`.
+      available: bytes the step may use; default: what this process may still allocate
+        (host_memory.available_bytes), the least over all processes.
+
+    Returns:
+      `setup` with `train_step` compiled (and, for "auto", its model and micro-steps).
+    Raises:
+      ValueError: the step does not fit; the message gives its memory and a microbatch_size that fits.
+    """
+    config = setup.config
+    if available is None:
+        available = host_memory.available_bytes()
+        if jax.process_count() > 1:  # every process compiles the same step
+            available = int(np.min(multihost_utils.process_allgather(np.int64(available))))
+    if config.microbatch_size != microbatch.AUTO:
+        setup, memory = _compiled(setup, setup.micro_size)
+        if memory.total > available:
+            raise ValueError(_too_big(setup, memory, available))
+        return setup
+    fitted, memory = _compiled(setup, _micro_sizes(setup)[0])
+    while memory.total > available:
+        smaller = _smaller_that_fit(fitted, memory, available)
+        if not smaller:
+            raise ValueError(_too_big(fitted, memory, available))
+        fitted, memory = _compiled(setup, smaller[0])
+    logging.info(
+        "microbatch_size=auto: %d examples per device per micro-step (%d micro-steps); the step needs %s of %s.",
+        fitted.micro_size,
+        fitted.num_micro,
+        microbatch.gb(memory.total),
+        microbatch.gb(available),
+    )
+    return fitted
+
+
+def _compiled(setup: Setup, micro: int) -> tuple[Setup, "microbatch.StepMemory"]:
+    """`setup` with `micro` examples per device per micro-step, its train step compiled, and its memory."""
+    per_device = setup.config.batch_size // setup.mesh.size
+    model = create_model(setup.config, setup.num_classes, bn_group_size(setup.config, micro))
+    setup = dataclasses.replace(setup, model=model, num_micro=per_device // micro)
+    sharding = NamedSharding(setup.mesh, P("data"))
+    image_shape = (setup.config.batch_size, setup.image_size, setup.image_size, setup.channels)
+    batch = {
+        "image": jax.ShapeDtypeStruct(image_shape, jnp.float32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct(image_shape[:1], jnp.int32, sharding=sharding),
+    }
+    compiled = jit_train_step(setup).lower(abstract_state(setup), batch, jax.random.key(0)).compile()
+    local_rows = setup.config.batch_size // jax.process_count()
+    batch_bytes = local_rows * (math.prod(image_shape[1:]) * 4 + 4)  # float32 images, int32 labels
+    memory = microbatch.StepMemory.of(compiled, len(setup.mesh.local_devices), batch_bytes)
+    return dataclasses.replace(setup, train_step=compiled), memory
+
+
+def _micro_sizes(setup: Setup) -> list[int]:
+    """The micro-batch sizes the run could take, largest first (whole ghost batches with a ghost bn_group)."""
+    per_device = setup.config.batch_size // setup.mesh.size
+    ghost = None if setup.config.bn_group in ("device", "global") else bn_group_size(setup.config, per_device)
+    return microbatch.candidates(per_device, ghost)
+
+
+def _smaller_that_fit(setup: Setup, memory: "microbatch.StepMemory", available: int) -> list[int]:
+    """Smaller micro-batch sizes whose step should fit: XLA's temporaries scale with the micro-batch."""
+    micro = setup.micro_size
+    estimate = lambda n: memory.total - memory.temporaries * (1 - n / micro)  # noqa: E731
+    return [n for n in _micro_sizes(setup) if n < micro and estimate(n) <= available]
+
+
+def _too_big(setup: Setup, memory: "microbatch.StepMemory", available: int) -> str:
+    fitting = _smaller_that_fit(setup, memory, available)
+    hint = (
+        f"microbatch_size={fitting[0]} should fit (or 'auto')"
+        if fitting
+        else "no micro-batch fits (the train state and the batch alone do not): use a smaller batch_size or more "
+        "processes"
+    )
+    return (
+        f"the train step needs {memory.describe()} with {setup.micro_size} examples per device per micro-step, "
+        f"but this process may use {microbatch.gb(available)}; {hint}."
+    )
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """The shapes, dtypes and shardings of `init_state(setup)`, computed without allocating it."""
+    sharding = NamedSharding(setup.mesh, P())
+    shapes = jax.eval_shape(_init_fn(setup))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 def init_state(setup: Setup) -> TrainState:
     """Initial state, created replicated on the mesh inside jit."""
+    return jax.jit(_init_fn(setup), out_shardings=NamedSharding(setup.mesh, P()))()
+
+
+def _init_fn(setup: Setup) -> Callable[[], TrainState]:
     shape = (1, setup.image_size, setup.image_size, setup.channels)
 
     def init():
@@ -551,7 +644,7 @@ def init_state(setup: Setup) -> TrainState:
             opt_state=setup.optimizer.init(params),
         )
 
-    return jax.jit(init, out_shardings=NamedSharding(setup.mesh, P()))()
+    return init
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -561,8 +654,7 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 def restore(setup: Setup, manager: ocp.CheckpointManager, step: int) -> TrainState:
     """Restores a checkpoint into the shapes and shardings of a fresh state."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state(setup))
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state(setup)))
 
 
 def restore_or_init(setup: Setup, manager: ocp.CheckpointManager) -> TrainState:
@@ -702,7 +794,7 @@ def _log_layout(setup: Setup):
         config.batch_size,
         setup.mesh.size,
         setup.num_micro,
-        config.batch_size // setup.mesh.size // setup.num_micro,
+        setup.micro_size,
     )
 
 
@@ -751,6 +843,8 @@ def train_and_evaluate(
       TrainingError: a non-finite loss or gradient (the state is not saved past it).
     """
     setup = setup or prepare(config)
+    if setup.train_step is None:
+        setup = fit_train_step(setup)  # before anything is written: a step that does not fit stops here
     steps = setup.steps
     lead = jax.process_index() == 0
     sharding = NamedSharding(setup.mesh, P("data"))
@@ -767,7 +861,7 @@ def train_and_evaluate(
     logging.info("LARS exclusions: %s", {rule: sum(r == rule for r in mask.values()) for rule in set(mask.values())})
     _log_layout(setup)
 
-    train_step = jit_train_step(setup)
+    train_step = setup.train_step
     eval_step = jax.jit(on_mesh(make_eval_step(setup.model, setup.num_classes), setup.mesh))
     dropout_key = jax.random.key(config.seed + 1)  # `step_gradient` uses the same key
     finite = FiniteCheck()

@@ -24,6 +24,7 @@ def get_config(batch="32768"):
     config = default.get_config()
     config.model = "alexnet_bn"
     config.batch_size = int(batch)
+    config.microbatch_size = "auto"  # the largest micro-batch whose step fits this node
     if config.batch_size not in VARIANTS:
         raise ValueError(f"alexnet_lars has variants {sorted(VARIANTS)}, not {batch}.")
     config.learning_rate, config.warmup_epochs = VARIANTS[config.batch_size]

@@ -10,6 +10,7 @@ def get_config(batch="8192"):
     config = default.get_config()
     config.model = "alexnet_bn"
     config.batch_size = int(batch)
+    config.microbatch_size = "auto"  # the largest micro-batch whose step fits this node
     config.optimizer = "sgd"
     config.learning_rate = 0.02 * config.batch_size / 256  # AlexNet's single-GPU LR 0.02 at 256, scaled linearly
     config.lr_schedule = "step"

@@ -51,12 +51,18 @@ def get_config():
     # Batch: global over all devices of all processes.
     config.batch_size = 32768
     config.eval_batch_size = 0  # 0 = batch_size
-    # Examples per device per micro-step; 0 = the whole per-device share at once.
-    # Gradients of the micro-steps are averaged before one optimizer update.
-    config.microbatch_size = 0
-    # Unroll the micro-step loop: faster on XLA:CPU (convolutions in a while
-    # loop run ~10x slower), but compile time grows with the number of micro-steps.
-    config.unroll_microbatches = True
+    # Examples per device per micro-step; 0 = the whole per-device share at once;
+    # "auto" = the largest divisor of the per-device share whose step fits in the
+    # memory this process may use (main.py logs the choice). Gradients of the
+    # micro-steps are averaged before one optimizer update. With bn_group "device",
+    # BatchNorm normalises over each device's micro-batch. A step that does not fit
+    # stops before it runs, naming a micro-batch that does.
+    config.microbatch_size = ml_collections.FieldReference(0, field_type=object)  # an int or "auto"
+    # How micro-steps run (microbatch.py): "scan" (one compiled micro-step in a loop:
+    # memory and compile time do not grow with their number), "unroll" (straight-line
+    # code; XLA:CPU's own convolutions run ~30x slower in a loop, but memory grows
+    # with the micro-steps), "auto" (unroll for conv_impl "xla"/"lax" on CPU, else scan).
+    config.microbatch_loop = "auto"
 
     # Duration.
     config.num_epochs = 100.0

@@ -15,6 +15,7 @@ def get_config(batch="32768"):
     config = default.get_config()
     config.model = "resnet50"
     config.batch_size = int(batch)
+    config.microbatch_size = "auto"  # the largest micro-batch whose step fits this node
     config.num_epochs = 90.0
     config.label_smoothing = 0.1
     config.end_learning_rate = 1e-4

@@ -11,6 +11,7 @@ def get_config(batch="8192"):
     config.model = "resnet50"
     config.model_kwargs.zero_init_last_bn = True  # Goyal et al. section 5.1
     config.batch_size = int(batch)
+    config.microbatch_size = "auto"  # the largest micro-batch whose step fits this node
     config.optimizer = "sgd"
     config.learning_rate = 0.1 * config.batch_size / 256
     config.lr_schedule = "step"

@@ -66,6 +66,12 @@ CONFIG_ERRORS = [
     ("unknown normalization", small_cifar("{data}", normalization="mnist"), ["Unknown normalization 'mnist'"]),
     ("class count", small_cifar("{data}", num_classes=100), ["num_classes=100 but data set 'image_folder' has 10"]),
     ("empty data folder", small_cifar("{empty}"), ["no <split>/<class>/<image> files"]),
+    ("micro-batch not a number", small_cifar("{data}", microbatch_size="half"),
+     ["microbatch_size='half': use a number of examples per device, 0 or 'auto'"]),
+    # ResNet-8's temporaries at half a million 32x32 images in one step: ~420 GiB, more than any node.
+    ("step larger than memory", ["--config=configs/cifar10_lars.py", "--config.dataset=synthetic",
+                                 "--config.model=cifar_resnet8", "--config.batch_size=524288"],
+     ["the train step needs", "with 524288 examples per device per micro-step", "should fit (or 'auto')"]),
     ("another model in the workdir", [*small_cifar("{data}", model="cifar_resnet20"), "--workdir={trained}"],
      ["holds checkpoints of another model", "model 'cifar_resnet8' -> 'cifar_resnet20'", "use a new --workdir"]),
 ]  # fmt: skip

@@ -160,11 +160,12 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path):
+@pytest.mark.parametrize("loop", ["scan", "unroll"])
+def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path, loop):
     """Batch 32 on 4 devices as 4 micro-steps of 2 per device equals one step of 8 per device."""
     common = dict(
         model="cifar_resnet8", batch_size=32, num_train_steps=3, eval_every_steps=1000, checkpoint_every_steps=1000,
-        model_kwargs={"use_bn": False}, warmup_steps=0, learning_rate=0.5,
+        model_kwargs={"use_bn": False}, warmup_steps=0, learning_rate=0.5, microbatch_loop=loop,
     )  # fmt: skip
     results = []
     for micro in (0, 2):

@@ -1,0 +1,116 @@
+"""Micro-batches: a global batch split into micro-steps whose gradients are summed before one update.
+
+Each micro-batch takes its rows from every device's own share (no communication). The
+micro-steps run as a `lax.scan` over one compiled micro-step, so the step's memory and
+compile time do not grow with their number; XLA:CPU's own convolutions run ~30x slower
+inside a loop, so with `conv_impl` "xla" or "lax" on CPU the micro-steps are unrolled
+instead (straight-line code: memory grows with the number of micro-steps there).
+`microbatch_loop` overrides the choice.
+
+`microbatch_size="auto"` picks the largest micro-batch whose compiled step fits in the
+memory this process may use (`candidates`, `fits`); main.py reports a step that does not fit
+in one `error:` line before it runs.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+LOOPS = ("auto", "scan", "unroll")
+AUTO = "auto"
+
+
+def loop_kind(requested: str, impl: str, backend: str) -> str:
+    """ "scan" or "unroll": `requested`, or for "auto" what is fast with the convolutions `impl`."""
+    if requested != AUTO:
+        return requested
+    return "unroll" if backend == "cpu" and impl in ("xla", "lax") else "scan"
+
+
+def split(batch, mesh: Mesh, num_micro: int):
+    """[B, ...] -> [num_micro, B / num_micro, ...], each micro-batch taking its rows from every
+    device's own share, so the split needs no communication."""
+    num_devices = mesh.size
+    sharding = NamedSharding(mesh, P(None, "data"))
+
+    def split_one(x):
+        per_device = x.shape[0] // num_devices
+        x = x.reshape((num_devices, num_micro, per_device // num_micro) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        x = x.reshape((num_micro, x.shape[1] * x.shape[2]) + x.shape[3:])
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split_one, batch)
+
+
+def accumulate(micro_step, init, micro_batches, num_micro: int, kind: str):
+    """Runs micro_step(carry, (micro_batch, index)) -> (carry, None) over the micro-batches.
+
+    Args:
+      micro_step: one micro-step, lax.scan's body.
+      init: the carry before the first micro-step.
+      micro_batches: from `split` (leading axis: the micro-step).
+      num_micro: the number of micro-steps; 1 runs the body once on the whole batch, no loop.
+      kind: "scan" or "unroll" (`loop_kind`).
+
+    Returns:
+      The carry after the last micro-step.
+    """
+    if num_micro == 1:
+        return micro_step(init, (jax.tree.map(lambda x: x[0], micro_batches), 0))[0]
+    if kind == "scan":
+        return jax.lax.scan(micro_step, init, (micro_batches, jnp.arange(num_micro)))[0]
+    carry = init
+    for i in range(num_micro):
+        carry, _ = micro_step(carry, (jax.tree.map(lambda x, i=i: x[i], micro_batches), i))
+    return carry
+
+
+def candidates(per_device: int, ghost: int | None) -> list[int]:
+    """Micro-batch sizes for "auto", largest first: divisors of the per-device share that hold
+    whole BatchNorm ghost batches (every divisor when BatchNorm groups by device or globally)."""
+    sizes = [n for n in range(per_device, 0, -1) if per_device % n == 0]
+    return [n for n in sizes if not ghost or n % ghost == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """What a training step holds at once on this process, in bytes: XLA's memory analysis of
+    the compiled step, summed over this process's devices, and the next batch, which the input
+    pipeline prepares in host memory while the step runs."""
+
+    temporaries: int
+    arguments: int  # the train state and the batch
+    outputs: int
+    aliased: int  # outputs written into donated arguments (the new train state)
+    next_batch: int
+
+    @property
+    def total(self) -> int:
+        return self.temporaries + self.arguments + self.outputs - self.aliased + self.next_batch
+
+    @classmethod
+    def of(cls, compiled, local_devices: int, batch_bytes: int) -> "StepMemory":
+        """The memory of a `jax.jit(...).lower(...).compile()` result (XLA reports one device's)
+        whose batch takes `batch_bytes` in this process."""
+        analysis = compiled.memory_analysis()
+        return cls(
+            temporaries=analysis.temp_size_in_bytes * local_devices,
+            arguments=analysis.argument_size_in_bytes * local_devices,
+            outputs=analysis.output_size_in_bytes * local_devices,
+            aliased=analysis.alias_size_in_bytes * local_devices,
+            next_batch=batch_bytes,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{gb(self.total)} (temporaries {gb(self.temporaries)}, train state and batch {gb(self.arguments)}, "
+            f"next batch {gb(self.next_batch)})"
+        )
+
+
+def gb(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"

@@ -1,0 +1,100 @@
+"""Micro-batches: the compiled step's memory and size do not grow with the number of micro-steps,
+and microbatch_size="auto" takes the largest micro-batch whose step fits.
+
+Memory is XLA's analysis of the compiled step (what `train.fit_train_step` checks before a run),
+not a process's resident size, so the figures do not depend on the machine's load."""
+
+import pytest
+
+import microbatch
+import train
+from configs import demo
+
+# conftest.py gives this process 4 devices.
+DEVICES = 4
+ENOUGH = 1 << 50  # bytes: more than any machine, so nothing is refused
+SIZE = 32
+
+
+def demo_setup(batch_size: int, micro, loop: str = "auto"):
+    """The demo's model and optimizer on 32x32 one-channel images (activations outweigh the parameters)."""
+    config = demo.get_config()
+    config.update(batch_size=batch_size, microbatch_size=micro, microbatch_loop=loop, image_size=SIZE)
+    return train.prepare_model(config, 10, num_train=1797, channels=1)
+
+
+def compiled_step(batch_size: int, micro, loop: str = "auto", available: int = ENOUGH) -> train.Setup:
+    return train.fit_train_step(demo_setup(batch_size, micro, loop), available)
+
+
+def temporaries(setup: train.Setup) -> int:
+    return setup.train_step.memory_analysis().temp_size_in_bytes
+
+
+def test_step_memory_stays_flat_with_the_number_of_micro_steps():
+    """16 examples per device per micro-step: 1, 4 and 16 micro-steps take the temporaries of one
+    (within 25%: the loop's carry, the gradient sum among it); unrolled, 4 micro-steps take more."""
+    one, four, sixteen = (temporaries(compiled_step(DEVICES * 16 * n, 16)) for n in (1, 4, 16))
+    assert four <= 1.25 * one and sixteen <= 1.25 * one, (one, four, sixteen)
+    unrolled = temporaries(compiled_step(DEVICES * 16 * 4, 16, loop="unroll"))
+    assert unrolled >= 2 * one, (one, unrolled)
+
+
+def test_compiled_step_of_64_micro_steps_is_the_size_of_2():
+    """The compiled program (and with it the compile time) does not grow with the micro-steps: one
+    micro-step body in a loop. Counted in HLO instructions of the optimised module."""
+
+    def instructions(num_micro: int) -> int:
+        text = compiled_step(DEVICES * num_micro, 1).train_step.as_text()
+        return sum(" = " in line for line in text.splitlines())
+
+    two, sixty_four = instructions(2), instructions(64)
+    assert sixty_four <= 1.05 * two, (two, sixty_four)
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits():
+    """Per-device share 32: "auto" with room for the 8-example step but not the 16-example one
+    takes 8 (4 micro-steps); with room for everything, the whole share in one step."""
+    batch = DEVICES * 32
+    need = {n: microbatch_memory(batch, n) for n in (32, 16, 8)}
+    assert need[32] > need[16] > need[8]
+    room = (need[8] + need[16]) // 2
+    fitted = compiled_step(batch, "auto", available=room)
+    assert (fitted.micro_size, fitted.num_micro) == (8, 4)
+    whole = compiled_step(batch, "auto")
+    assert (whole.micro_size, whole.num_micro) == (32, 1)
+
+
+def microbatch_memory(batch: int, micro: int) -> int:
+    """The step's memory as fit_train_step counts it, from XLA's analysis and the batch's bytes."""
+    step = compiled_step(batch, micro).train_step
+    analysis = step.memory_analysis()
+    per_device = (
+        analysis.temp_size_in_bytes
+        + analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    next_batch = batch * (SIZE * SIZE * 4 + 4)  # float32 one-channel images, int32 labels
+    return DEVICES * per_device + next_batch
+
+
+def test_a_step_that_does_not_fit_names_a_micro_batch_that_does():
+    batch = DEVICES * 32
+    need = {n: microbatch_memory(batch, n) for n in (32, 16)}
+    with pytest.raises(ValueError, match=r"with 32 examples per device per micro-step.*microbatch_size=16 should fit"):
+        compiled_step(batch, 0, available=(need[16] + need[32]) // 2)
+    with pytest.raises(ValueError, match=r"no micro-batch fits"):
+        compiled_step(batch, "auto", available=1 << 20)
+
+
+def test_micro_batch_sizes_hold_whole_ghost_batches():
+    assert microbatch.candidates(12, None) == [12, 6, 4, 3, 2, 1]
+    assert microbatch.candidates(256, 64) == [256, 128, 64]
+
+
+def test_loop_kind_keeps_xla_convolutions_out_of_loops_on_cpu():
+    assert microbatch.loop_kind("auto", "onednn", "cpu") == "scan"
+    assert microbatch.loop_kind("auto", "xla", "cpu") == "unroll"
+    assert microbatch.loop_kind("auto", "lax", "gpu") == "scan"
+    assert microbatch.loop_kind("unroll", "onednn", "cpu") == "unroll"
