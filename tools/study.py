@@ -5,16 +5,21 @@
 Every run is one cell of configs/cifar10_study.py, run as
 `python main.py --config=configs/cifar10_study.py:<variant> --workdir=OUT/runs/<run>`
 with no overrides. For each method and batch size it sweeps the peak
-learning rate over the method's scaling rule x 1/2, 1, 2 (`--lr_factors`); when
-the best of either view sits at an edge, the sweep goes one factor of 2 further
-that way, up to `--extend` runs past the grid. Two views of the same runs
-(Shallue et al. 2018, arXiv:1811.03600):
+learning rate over the cell's centre x 1/2, 1, 2 (`--lr_factors`; the centre is
+the second edition's best learning rate, CENTRES, or the method's scaling rule
+for a cell it did not run); when the best of either view sits at an edge, the
+sweep goes one factor of 2 further that way, up to `--extend` runs past the grid.
+When every cell's sweep is done, the best learning rate of each cell (by final
+validation top-1) is run again with seeds 1 to `--seeds` - 1, so that the
+comparison has a spread. Two views of the same runs (Shallue et al. 2018,
+arXiv:1811.03600):
 
   steps to target   the fewest steps, over the sweep, at which validation top-1
                     first reaches --target (evaluated 16 times per run)
   fixed budget      validation top-1 after the budget, best over the sweep, and
-                    that run's test top-1 (the test images are evaluated once,
-                    after the last step, and choose nothing)
+                    that learning rate's test top-1, mean and range over its
+                    seeds (the test images are evaluated once, after the last
+                    step, and choose nothing)
 
 Resumable: run the same command again. A run with a row in OUT/results.csv is
 skipped (the CSV and logs are committed after every run); an interrupted one
@@ -59,23 +64,34 @@ METHODS = {
     "nesterov": "Nesterov momentum, linear scaling",
 }
 CSV_FIELDS = [
-    "method", "batch", "lr", "lr_factor", "epochs", "steps", "steps_to_target", "target",
+    "method", "batch", "lr", "lr_factor", "seed", "epochs", "steps", "steps_to_target", "target",
     "final_validation_top1", "test_top1", "test_top5", "final_train_loss", "validation_split", "config", "wall_s",
 ]  # fmt: skip
 
 
+# The second edition's best learning rate of each cell by final validation top-1 (8 epochs,
+# docs/study_v2/results.csv): where the third edition's sweeps start.
+CENTRES = {
+    ("sgd", 128): 0.8, ("sgd", 512): 3.2, ("sgd", 2048): 3.2, ("sgd", 8192): 0.2,
+    ("lars", 128): 1.414, ("lars", 512): 2.828, ("lars", 2048): 5.657, ("lars", 8192): 2.828,
+}  # fmt: skip
+
+
 def lr_of(method: str, batch: int, factor: float) -> float:
-    """The sweep's learning rate: the method's scaling rule times a power of 2, to 4 significant digits."""
-    return float(f"{cifar10_study.scaled_lr(method, batch) * factor:.4g}")
+    """The sweep's learning rate: the cell's centre times a power of 2, to 4 significant digits."""
+    centre = CENTRES.get((method, batch)) or cifar10_study.scaled_lr(method, batch)
+    return float(f"{centre * factor:.4g}")
 
 
-def run_name(method: str, batch: int, lr: float) -> str:
-    return f"{method}_b{batch}_lr{lr:g}"
+def run_name(method: str, batch: int, lr: float, seed: int = 0) -> str:
+    return f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
 
 
-def variant(method: str, batch: int, lr: float, args) -> str:
+def variant(method: str, batch: int, lr: float, seed: int, args) -> str:
     """The configs/cifar10_study.py variant of one run: only what the study's flags change."""
     values = {"method": method, "batch": batch, "lr": f"{lr:g}"}
+    if seed:
+        values["seed"] = seed
     if args.epochs != cifar10_study.EPOCHS:
         values["epochs"] = f"{args.epochs:g}"
     if args.validation != cifar10_study.VALIDATION_IMAGES:
@@ -105,12 +121,12 @@ def split_digest(workdir) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
 
 
-def run_cell(method: str, batch: int, factor: float, args) -> dict:
+def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dict:
     """Trains one run (or resumes it) through main.py and returns its row of results.csv."""
     lr = lr_of(method, batch, factor)
-    name = run_name(method, batch, lr)
+    name = run_name(method, batch, lr, seed)
     workdir = pathlib.Path(args.out) / "runs" / name
-    config = f"{CONFIG}:{variant(method, batch, lr, args)}"
+    config = f"{CONFIG}:{variant(method, batch, lr, seed, args)}"
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}"]
     print(f"[study] {name}: {' '.join(command[1:])}", flush=True)
     start = time.time()
@@ -124,6 +140,7 @@ def run_cell(method: str, batch: int, factor: float, args) -> dict:
         "batch": batch,
         "lr": lr,
         "lr_factor": factor,
+        "seed": seed,
         "epochs": args.epochs,
         "steps": final["test"]["step"],
         "steps_to_target": steps_to_target(records, args.target) or "",
@@ -147,7 +164,7 @@ def write_csv(rows: list[dict], path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["method"], int(r["batch"]), float(r["lr"]))))
+        writer.writerows(sorted(rows, key=lambda r: (r["method"], int(r["batch"]), float(r["lr"]), seed_of(r))))
 
 
 def read_csv(path) -> list[dict]:
@@ -157,8 +174,20 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def seed_of(row: dict) -> int:
+    return int(row.get("seed") or 0)  # rows of the second edition have no seed column: seed 0
+
+
 def cell_rows(rows: list[dict], method: str, batch: int) -> list[dict]:
-    return sorted((r for r in rows if r["method"] == method and int(r["batch"]) == batch), key=lambda r: float(r["lr"]))
+    """The sweep of one cell: its seed-0 runs, by learning rate."""
+    runs = (r for r in rows if r["method"] == method and int(r["batch"]) == batch and seed_of(r) == 0)
+    return sorted(runs, key=lambda r: float(r["lr"]))
+
+
+def seed_rows(rows: list[dict], method: str, batch: int, lr: float) -> list[dict]:
+    """Every seed's run of one cell at one learning rate, by seed."""
+    runs = (r for r in rows if r["method"] == method and int(r["batch"]) == batch and float(r["lr"]) == lr)
+    return sorted(runs, key=seed_of)
 
 
 def fewest_steps(rows: list[dict]) -> dict | None:
@@ -192,16 +221,17 @@ def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | 
 
 
 def batch_by_method_table(rows: list[dict], methods, batches, heading: str, cell_text) -> str:
-    """A Markdown table, a row per batch and a column per method; cell_text(runs of the cell) -> text."""
+    """A Markdown table, a row per batch and a column per method; cell_text(rows, method, batch) -> text."""
     lines = ["| batch | " + " | ".join(f"{METHODS[m]}: {heading}" for m in methods) + " |"]
     lines.append("|---|" + "---|" * len(methods))
     for batch in batches:
-        values = [cell_text(cell_rows(rows, m, batch)) or "not run yet" for m in methods]
+        values = [cell_text(rows, m, batch) or "not run yet" for m in methods]
         lines.append(f"| {batch} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def steps_text(cell: list[dict]) -> str:
+def steps_text(rows: list[dict], method: str, batch: int) -> str:
+    cell = cell_rows(rows, method, batch)
     best = fewest_steps(cell)
     if not cell:
         return ""
@@ -210,12 +240,22 @@ def steps_text(cell: list[dict]) -> str:
     return f"{best['steps_to_target']} ({best['lr']})"
 
 
-def budget_text(cell: list[dict]) -> str:
-    best = best_at_budget(cell)
-    if best is None:
+def budget_runs(rows: list[dict], method: str, batch: int) -> list[dict]:
+    """The runs of a cell's chosen learning rate (best final validation top-1 of its sweep), one per seed."""
+    best = best_at_budget(cell_rows(rows, method, batch))
+    return [] if best is None else seed_rows(rows, method, batch, float(best["lr"]))
+
+
+def budget_text(rows: list[dict], method: str, batch: int) -> str:
+    """Test top-1 % (validation %, LR, steps) of the chosen learning rate; over several seeds the means,
+    and the test range."""
+    runs = budget_runs(rows, method, batch)
+    if not runs:
         return ""
-    test, validation = 100 * float(best["test_top1"]), 100 * float(best["final_validation_top1"])
-    return f"{test:.1f} ({validation:.1f}, {best['lr']}, {best['steps']})"
+    test = [100 * float(r["test_top1"]) for r in runs]
+    validation = np.mean([100 * float(r["final_validation_top1"]) for r in runs])
+    text = f"{np.mean(test):.1f} ({validation:.1f}, {runs[0]['lr']}, {runs[0]['steps']}"
+    return text + (f"; {len(runs)} seeds: {min(test):.1f}-{max(test):.1f})" if len(runs) > 1 else ")")
 
 
 def steps_table(rows: list[dict], methods, batches) -> str:
@@ -223,7 +263,8 @@ def steps_table(rows: list[dict], methods, batches) -> str:
 
 
 def budget_table(rows: list[dict], methods, batches) -> str:
-    return batch_by_method_table(rows, methods, batches, "test top-1 % (validation %, LR, steps)", budget_text)
+    heading = "test top-1 % (validation %, LR, steps; seeds: test range)"
+    return batch_by_method_table(rows, methods, batches, heading, budget_text)
 
 
 def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
@@ -232,7 +273,8 @@ def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
     text = (
         f"Steps to {target} validation top-1 (fewest over the learning-rate sweep; LR of that run):\n\n"
         + steps_table(rows, methods, batches)
-        + f"\n\nTest top-1 after {budget(args)} (the run with the best final validation top-1):\n\n"
+        + f"\n\nTest top-1 after {budget(args)} (the learning rate with the best final validation top-1; "
+        "over its seeds, the means):\n\n"
         + budget_table(rows, methods, batches)
         + f"\n\n_{len(rows)} runs, from `{csv_path}`._"
     )
@@ -267,14 +309,16 @@ def budget(args) -> str:
 def plot_accuracy(rows, methods, batches, budget_label, path):
     fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
     for method in methods:
-        points = [(b, best_at_budget(cell_rows(rows, method, b))) for b in batches]
-        points = [(b, 100 * float(r["test_top1"])) for b, r in points if r]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=METHODS[method])
+        tests = [(b, [100 * float(r["test_top1"]) for r in budget_runs(rows, method, b)]) for b in batches]
+        tests = [(b, t) for b, t in tests if t]
+        if tests:
+            means = [np.mean(t) for _, t in tests]
+            spread = [[m - min(t) for (_, t), m in zip(tests, means)], [max(t) - m for (_, t), m in zip(tests, means)]]
+            ax.errorbar([b for b, _ in tests], means, yerr=spread, marker="o", capsize=3, label=METHODS[method])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"CIFAR-10, {budget_label}: test top-1 of the best run by validation")
+    ax.set_title(f"CIFAR-10, {budget_label}: test top-1 at the LR best by validation (bars: seeds' range)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(path)
@@ -300,14 +344,29 @@ def plot_trust_ratio_comparison(small_workdir, large_workdir, path):
 
 
 def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
-    """Runs every cell's missing learning rates, a row added to the CSV after each run."""
+    """Runs every cell's missing learning rates, then the missing seeds of every cell's best one;
+    a row is added to the CSV after each run."""
+
+    def record(row):
+        write_csv(rows + [row], csv_path)  # after every run, so an interruption keeps it
+        return read_csv(csv_path)
+
     for batch in batches:
         for method in methods:
             while (factor := next_factor(cell_rows(rows, method, batch), factors, args.extend)) is not None:
-                rows.append(run_cell(method, batch, factor, args))
-                write_csv(rows, csv_path)  # after every run, so an interruption keeps it
-                rows = read_csv(csv_path)
+                rows = record(run_cell(method, batch, factor, args))
+    for batch in batches:
+        for method in methods:
+            for seed in missing_seeds(rows, method, batch, args.seeds):
+                best = best_at_budget(cell_rows(rows, method, batch))
+                rows = record(run_cell(method, batch, float(best["lr_factor"]), args, seed))
     return rows
+
+
+def missing_seeds(rows: list[dict], method: str, batch: int, seeds: int) -> list[int]:
+    """Seeds 1 .. seeds-1 not yet run at the cell's best learning rate (none before its sweep has a run)."""
+    done = {seed_of(r) for r in budget_runs(rows, method, batch)}
+    return [seed for seed in range(1, seeds) if done and seed not in done]
 
 
 def report(rows, methods, batches, args, out, csv_path):
@@ -327,7 +386,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/study", help="results, plots and run workdirs")
     parser.add_argument("--data_dir", default="", help="CIFAR-10 image folder (default: extract the shared archive)")
-    parser.add_argument("--batches", default="128,512,2048,8192")
+    parser.add_argument("--batches", default="128,2048,8192")
     parser.add_argument("--methods", default="sgd,lars")
     parser.add_argument("--lr_factors", default="0.5,1,2", help="the sweep, as multiples of each method's rule")
     parser.add_argument("--extend", type=int, default=5, help="extra LRs per cell past an edge that won")
@@ -335,6 +394,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=float, default=cifar10_study.EPOCHS)
     parser.add_argument("--validation", type=int, default=cifar10_study.VALIDATION_IMAGES)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of each cell's best learning rate, seeds 0..N-1")
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
     parser.add_argument(
         "--page", action="append", default=[], help="Markdown page whose study section gets the tables (repeatable)"
