@@ -4,12 +4,19 @@ and microbatch_size="auto" takes the largest micro-batch whose step fits.
 Memory is XLA's analysis of the compiled step (what `train.fit_train_step` checks before a run),
 not a process's resident size, so the figures do not depend on the machine's load."""
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 
 import microbatch
 import train
 from configs import demo
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # conftest.py gives this process 4 devices.
 DEVICES = 4
 ENOUGH = 1 << 50  # bytes: more than any machine, so nothing is refused
@@ -98,3 +105,52 @@ def test_loop_kind_keeps_xla_convolutions_out_of_loops_on_cpu():
     assert microbatch.loop_kind("auto", "xla", "cpu") == "unroll"
     assert microbatch.loop_kind("auto", "lax", "gpu") == "scan"
     assert microbatch.loop_kind("unroll", "onednn", "cpu") == "unroll"
+
+
+def memory_cgroup(limit: int) -> pathlib.Path | None:
+    """A new memory cgroup below this process's, limited to `limit` bytes (cgroup v1 or v2), or None
+    where this machine does not let the tests make one."""
+    for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":
+            parent, limit_file = pathlib.Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes"
+        elif controllers == "" and "memory" in pathlib.Path("/sys/fs/cgroup/cgroup.controllers").read_text():
+            parent, limit_file = pathlib.Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
+        else:
+            continue
+        group = parent / f"largebatch_test_{os.getpid()}"
+        try:
+            group.mkdir()
+            (group / limit_file).write_text(str(limit))
+            return group
+        except OSError:
+            return None
+    return None
+
+
+@pytest.mark.slow
+def test_auto_fits_the_step_under_a_memory_cgroup(tmp_path):
+    """main.py in a 4 GiB memory cgroup (as a container or a SLURM job limits it): CIFAR ResNet-8 at
+    batch 16,384 needs ~14 GiB of temporaries in one step; "auto" takes a micro-batch that fits the
+    cgroup's room, logs it, and trains a step there."""
+    limit = 4 << 30
+    group = memory_cgroup(limit)
+    if group is None:
+        pytest.skip("this machine does not let the tests make a memory cgroup (no writable cgroup fs)")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        command = [sys.executable, "main.py", "--config=configs/cifar10_lars.py", "--config.dataset=synthetic",
+                   "--config.model=cifar_resnet8", "--config.batch_size=16384", "--config.microbatch_size=auto",
+                   "--config.num_train_steps=1", "--config.eval_batch_size=1000",
+                   f"--workdir={tmp_path / 'run'}"]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                              preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))  # fmt: skip
+    finally:
+        group.rmdir()
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = re.search(r"microbatch_size=auto: (\d+) examples per device per micro-step \((\d+) micro-steps\); "
+                       r"the step needs ([\d.]+) GiB of ([\d.]+) GiB", done.stderr)  # fmt: skip
+    assert chosen, done.stderr[-3000:]
+    micro, steps, need, room = int(chosen[1]), int(chosen[2]), float(chosen[3]), float(chosen[4])
+    assert micro * steps == 16384 and 16384 % micro == 0 and steps > 1
+    assert need <= room <= limit / 2**30  # the room is the cgroup's, not the machine's
