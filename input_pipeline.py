@@ -796,7 +796,7 @@ def create(
       num_shards: training-data shards (0: one per process); a multiple of
         the process count. Fix it to make runs on different numbers of
         processes see the same global batches.
-      cache: keep encoded training images in memory.
+      cache: keep the encoded training and evaluation images in memory.
       normalize: a NORMALIZATIONS name or "auto" (see `normalization`).
       flip: random horizontal flips in the "pad_crop_flip" augmentation.
       num_classes: the synthetic data set's class count (0: 1000); others have their own.
@@ -844,6 +844,8 @@ def create(
         else:
             records, count, _ = split_share(builder, info.train_split, index, num_shards)
         shards.append(Shard(index, records, count))
+    if cache:  # every evaluation after the first reads the encoded images from memory, not from files
+        eval_sets = {name: dataclasses.replace(s, records=s.records.cache()) for name, s in eval_sets.items()}
     return Data(
         info=info,
         preprocess=Preprocess(augment, image_size, info, flip),

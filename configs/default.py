@@ -36,7 +36,7 @@ def get_config():
     # Per-channel mean/std: "imagenet", "cifar10", "digits" (input_pipeline.NORMALIZATIONS),
     # or "auto" (the TFDS data set's own; ImageNet's for an image folder).
     config.normalization = "auto"
-    config.cache = False  # keep the encoded training images in memory
+    config.cache = False  # keep the encoded training and evaluation images in memory
     # Training-data shards, 0 = one per process. Each shard is read by one
     # process and gives batch_size / data_shards rows of every global batch, so
     # a fixed value makes runs on different process counts see the same batches.

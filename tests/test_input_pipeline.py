@@ -259,3 +259,31 @@ def test_stratified_sample_takes_each_class_in_proportion():
         assert list(np.bincount(labels[chosen], minlength=3)) == quotas and len(set(chosen)) == count
     assert list(ip.stratified_sample(labels, 7, seed=0)) == list(ip.stratified_sample(labels, 7, seed=0))
     assert list(ip.stratified_sample(labels, 7, seed=0)) != list(ip.stratified_sample(labels, 7, seed=1))
+
+
+def test_cached_evaluations_read_the_images_once(cifar10_dir, tmp_path):
+    """cache=True: the second pass over an evaluation split gives the first pass's batches bit for bit
+    without the image files (removed after the first pass); without the cache it needs them."""
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 4), ("test", 30)):
+        for c in CLASSES[:3]:
+            (root / split / c).mkdir(parents=True)
+            for src in sorted((cifar10_dir / split / c).glob("*.jpg"))[:per_class]:
+                os.symlink(src, root / split / c / src.name)
+
+    def create(cache):
+        return ip.create("image_folder", str(root), global_batch=4, global_eval_batch=16, image_size=32,
+                         augment="pad_crop_flip", seed=0, cache=cache)  # fmt: skip
+
+    cached, uncached = create(True), create(False)
+    first = list(cached.eval_batches())
+    assert sum(b["mask"].sum() for b in first) == 90
+    for link in (root / "test").glob("*/*.jpg"):
+        link.unlink()
+    again = list(cached.eval_batches())
+    assert len(again) == len(first)
+    for a, b in zip(first, again):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(Exception, match="No such file or directory"):
+        list(uncached.eval_batches())
