@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import config_checks
 import host_memory
 import input_pipeline
 import lars
@@ -143,7 +144,8 @@ def check_batch_arithmetic(config, num_devices: int, num_processes: int) -> tupl
 
 
 def check_config(config) -> None:
-    """Names that must be among the known choices."""
+    """Names that must be among the known choices, numbers within their ranges (config_checks)."""
+    config_checks.check_ranges(config)
     choices = {
         "optimizer": optimizers.OPTIMIZERS,
         "lr_schedule": optimizers.SCHEDULES,
