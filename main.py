@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import host_memory
+import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; an existing run there is resumed.")
@@ -245,6 +246,10 @@ def train_in(jax, config, workdir: str) -> int:
     except ValueError as e:
         return fail(str(e), EXIT_CONFIG)
     try:
+        lock = hold_workdir(jax, workdir)  # the first write: nothing before it touched the workdir
+    except workdir_lock.WorkdirBusy as e:
+        return fail(str(e), EXIT_CONFIG)
+    try:
         _, result = train.train_and_evaluate(config, workdir, setup)
     except (train.TrainingError, input_pipeline.DataError) as e:
         return fail(str(e), EXIT_RUNTIME)
@@ -252,8 +257,58 @@ def train_in(jax, config, workdir: str) -> int:
         if jax.process_count() > 1:  # most likely a lost peer: name it, and never hang
             cluster.leave_after_peer_failure(e, FLAGS.heartbeat_timeout)
         raise
-    logging.info("Finished at step %d: %s", result["step"], result)
+    finally:
+        lock.release()
+    log_outcome(result, workdir)
     return 0
+
+
+def hold_workdir(jax, workdir: str) -> workdir_lock.WorkdirLock:
+    """The workdir's lock, taken by the lead process; every process learns whether it got it.
+
+    Raises:
+      workdir_lock.WorkdirBusy: another run holds it (in every process).
+    """
+    lock = workdir_lock.WorkdirLock(workdir)
+    message = ""
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except workdir_lock.WorkdirBusy as e:
+            message = str(e)
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        busy = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(message))))
+        message = message or (
+            f"--workdir={workdir} is in use by another run (the lead process says so)" if busy else ""
+        )
+    if message:
+        raise workdir_lock.WorkdirBusy(message)
+    return lock
+
+
+def log_outcome(result: dict, workdir: str):
+    """The last console line: what the run did, in words."""
+    if result.get("signal"):
+        logging.warning(
+            "Stopped by signal %d at step %d (its checkpoint is saved); the same command with --workdir=%s resumes it.",
+            result["signal"],
+            result["step"],
+            workdir,
+        )
+        return
+    top5 = f", top-5 {result['eval_top5']:.4f}" if "eval_top5" in result else ""
+    logging.info(
+        "Finished at step %d: %s top-1 %.4f%s, loss %.4f over %d images.",
+        result["step"],
+        result["split"],
+        result["eval_top1"],
+        top5,
+        result["eval_loss"],
+        result["eval_count"],
+    )
 
 
 if __name__ == "__main__":

@@ -333,6 +333,28 @@ class JsonlWriter:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def drop_after(self, step: int):
+        """Removes the records of steps after `step` (and a last line left half-written): a run
+        resumed from that step's checkpoint writes them again. The file is replaced whole (a new
+        file, then a rename)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) < len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
+
+def _record_step(line: str) -> float:
+    """The step of one JSONL record; infinite for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
 
 def _scalars(metrics) -> dict[str, float]:
     keys = ("loss", "accuracy", "learning_rate", "grad_norm", "param_norm", "update_norm")
@@ -855,6 +877,8 @@ def train_and_evaluate(
     writer, metrics_log, trust_log = _open_logs(workdir, lead)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_or_init(setup, manager)
+    for log in (metrics_log, trust_log):  # each step once, after a run that died past its checkpoint
+        log.drop_after(int(state.step))
     rules = lars.mask_report(state.params, optimizers.exclusion(config))
     input_shape = (1, setup.image_size, setup.image_size, setup.channels)
     mask = {path: rules[path] for path in models.param_order(setup.model, input_shape)}
@@ -905,7 +929,7 @@ def train_and_evaluate(
                 save(manager, state)
             if stop.signal is not None:
                 logging.warning("Signal %d: saved the checkpoint of step %d; stopping.", stop.signal, done)
-                result["step"] = done
+                result = {"step": done, "signal": stop.signal}
                 break
     writer.flush()
     manager.close()

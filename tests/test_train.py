@@ -213,6 +213,13 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
     code, output = run_main(args, tmp_path / "killed")
     assert code == 0, output[-3000:]
     assert f"Resuming from the checkpoint of step {saved[-1]}" in output
+    # The logs hold each step once: what the killed run wrote past its checkpoint was dropped on resume.
+    for kind in ("train", "eval"):
+        assert [r["step"] for r in metrics(tmp_path / "killed", kind)] == [
+            r["step"] for r in metrics(tmp_path / "straight", kind)
+        ]
+    trust = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / train.TRUST_RATIOS_FILE).open()]  # noqa: E731
+    assert trust("killed") == trust("straight")
 
     config = cifar_config(cifar10_small, **overrides)
     straight = leaves(train.restore_state(config, tmp_path / "straight")[1])
@@ -233,6 +240,32 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(cifar10_small, tmp_path):
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 1 <= saved[0] < 100_000
     assert f"saved the checkpoint of step {saved[0]}; stopping" in output
+    last = output.strip().splitlines()[-1]
+    assert f"Stopped by signal 15 at step {saved[0]} (its checkpoint is saved)" in last, last
+    assert f"--workdir={tmp_path / 'run'} resumes it" in last and "Finished" not in output
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_stops_and_a_killed_one_does_not_block(cifar10_small, tmp_path):
+    overrides = dict(data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=100_000,
+                     checkpoint_every_steps=2, eval_every_steps=100_000, log_every_steps=1)  # fmt: skip
+    workdir = tmp_path / "run"
+    first = run_main(flags("configs/cifar10_lars.py", overrides), workdir, wait=False)
+    _wait_for(lambda: (workdir / "checkpoints" / "2").is_dir(), first)
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides), workdir)
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"--workdir={workdir} is in use by another run" in errors[0], output[-3000:]
+    assert f"PID {first.pid}," in errors[0], errors[0]
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    # The first run's log was not cut short by the second: every step from 1, once.
+    steps = [r["step"] for r in metrics(workdir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    # A killed run leaves no lock behind: the restart resumes.
+    code, output = run_main(flags("configs/cifar10_lars.py", overrides | dict(num_train_steps=steps[-1] + 2)), workdir)
+    assert code == 0, output[-3000:]
+    assert "Resuming from the checkpoint of step" in output
 
 
 @pytest.mark.parametrize(
