@@ -49,6 +49,7 @@ CONFIG_FILE = "config.json"
 SPLIT_FILE = "data_split.json"  # with validation_images: which training images were held out
 LAYOUT_FILE = "layout.json"  # processes and devices of the run (gradients depend on them with per-device BN)
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed to restore, set aside
 
 
 @flax.struct.dataclass
@@ -681,12 +682,54 @@ def restore(setup: Setup, manager: ocp.CheckpointManager, step: int) -> TrainSta
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state(setup)))
 
 
-def restore_or_init(setup: Setup, manager: ocp.CheckpointManager) -> TrainState:
-    latest = manager.latest_step()
-    if latest is None:
-        return init_state(setup)
-    logging.info("Resuming from the checkpoint of step %d.", latest)
-    return restore(setup, manager, latest)
+def restore_or_init(setup: Setup, manager: ocp.CheckpointManager, workdir: str) -> TrainState:
+    """The newest checkpoint that restores, or a fresh state when there is none.
+
+    A checkpoint that fails to restore (orbax and TensorStore check what they read: a damaged
+    file fails to decompress or to match its metadata) is named in one warning line and moved
+    by the lead process to WORKDIR/damaged_checkpoints/, never deleted; the one before is tried.
+
+    Raises:
+      TrainingError: there were checkpoints and none restores.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            state = restore(setup, manager, step)
+        except Exception as e:  # orbax and TensorStore raise plain Exceptions for unreadable data
+            _set_aside(manager, workdir, step, e)
+            continue
+        logging.info("Resuming from the checkpoint of step %d.", step)
+        return state
+    if steps:
+        raise TrainingError(
+            f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} can be restored (steps "
+            f"{', '.join(map(str, steps))} were moved to {os.path.join(workdir, DAMAGED_DIR)}); move a repaired one "
+            "back to resume, or use a new --workdir to start over."
+        )
+    return init_state(setup)
+
+
+def _set_aside(manager: ocp.CheckpointManager, workdir: str, step: int, error: Exception):
+    """Moves a checkpoint that failed to restore out of the checkpoint folder (lead process only)."""
+    while error.__cause__ is not None:  # TensorStore's own message is the innermost
+        error = error.__cause__
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    target = os.path.join(workdir, DAMAGED_DIR, str(step))
+    logging.warning("The checkpoint of step %d cannot be restored (%s); moved to %s.", step, reason, target)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), _free_name(target))
+    manager.reload()
+
+
+def _free_name(path: str) -> str:
+    """path, or path.1, path.2, ... if a checkpoint of that step was set aside before."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> tuple[Setup, TrainState]:
@@ -876,7 +919,7 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     writer, metrics_log, trust_log = _open_logs(workdir, lead)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = restore_or_init(setup, manager)
+    state = restore_or_init(setup, manager, workdir)
     for log in (metrics_log, trust_log):  # each step once, after a run that died past its checkpoint
         log.drop_after(int(state.step))
     rules = lars.mask_report(state.params, optimizers.exclusion(config))

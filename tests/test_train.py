@@ -363,3 +363,47 @@ def test_readme_demo_command_on_a_clean_clone(demo_run):
     final = metrics(workdir, "eval")[-1]
     # Measured: 0.957 top-1 on the 300 held-out digits after 150 steps.
     assert final["step"] == demo.get_config().num_epochs * 5 and final["eval_top1"] > 0.9
+
+
+def _damage(checkpoint: pathlib.Path):
+    """Zeroes the second quarter of the checkpoint's largest data file, as a bad disk or a cut copy leaves it."""
+    data = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.seek(size // 4)
+        f.write(b"\0" * (size // 4))
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(cifar10_small, tmp_path):
+    overrides = dict(data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=4,
+                     checkpoint_every_steps=2, eval_every_steps=1000, log_every_steps=1)  # fmt: skip
+    args = flags("configs/cifar10_lars.py", overrides)
+    workdir = tmp_path / "run"
+    code, output = run_main(args, workdir)
+    assert code == 0, output[-3000:]
+    config = cifar_config(cifar10_small, **overrides)
+    intact = leaves(train.restore_state(config, workdir, 4)[1])
+    subprocess.run(["cp", "-r", str(workdir), str(tmp_path / "copy")], check=True)
+    _damage(workdir / "checkpoints" / "4")
+
+    code, output = run_main(args, workdir)
+    assert code == 0, output[-3000:]
+    warning = [line for line in output.splitlines() if "The checkpoint of step 4 cannot be restored" in line]
+    assert len(warning) == 1 and f"moved to {workdir / 'damaged_checkpoints' / '4'}" in warning[0], output[-3000:]
+    assert "Resuming from the checkpoint of step 2." in output
+    assert (workdir / "damaged_checkpoints" / "4").is_dir()  # set aside, not deleted
+    # Steps 3 and 4 again from the intact step 2: the same state as the first time, bit for bit.
+    for a, b in zip(leaves(train.restore_state(config, workdir, 4)[1]), intact):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4]
+
+    # None intact: one error line, exit 1, both set aside.
+    workdir = tmp_path / "copy"
+    for step in ("2", "4"):
+        _damage(workdir / "checkpoints" / step)
+    code, output = run_main(args, workdir)
+    assert code == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no checkpoint in" in errors[0] and "steps 4, 2 were moved to" in errors[0], errors
+    assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir()) == ["2", "4"]
