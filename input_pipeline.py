@@ -26,6 +26,7 @@ import fcntl
 import functools
 import math
 import os
+import re
 from collections.abc import Iterator
 
 import jax
@@ -588,7 +589,7 @@ def numpy_batches(ds: tf.data.Dataset, records: tf.data.Dataset, info: DatasetIn
             bad = find_corrupt_image(records, info)
             where = f"image {bad!r}" if bad else "an image"
             raise DataError(
-                f"cannot decode {where} of data set {info.name!r} ({e.message.splitlines()[0]}); "
+                f"cannot decode {where} of data set {info.name!r} ({_tf_reason(e)}); "
                 "to list every undecodable file of an image folder: python -m tools.check_images DIR"
             ) from None
         yield batch
@@ -597,6 +598,12 @@ def numpy_batches(ds: tf.data.Dataset, records: tf.data.Dataset, info: DatasetIn
 # --------------------------------------------------------------------------
 # Global arrays.
 # --------------------------------------------------------------------------
+
+
+def _tf_reason(error) -> str:
+    """TensorFlow's error message without its internal node names ({{function_node ...}}, [[{{node ...}}]])."""
+    text = re.sub(r"\[*\{\{[^}]*\}\}\]*", "", error.message.splitlines()[0])
+    return " ".join(text.split()).strip(" ;:") or type(error).__name__
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

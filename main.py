@@ -66,7 +66,12 @@ class _OwnInfoOnly(pylogging.Filter):
 
     def filter(self, record):
         ours = record.pathname.startswith(REPO + os.sep) and "site-packages" not in record.pathname
-        return record.levelno >= pylogging.WARNING or ours
+        # orbax logs a failed background write (a full disk) from its threads with a traceback, and
+        # asyncio its failed tasks again at exit; the save raises it in the training loop, whose
+        # error line names it.
+        orbax_thread = f"{os.sep}orbax{os.sep}" in record.pathname and record.pathname.endswith(f"{os.sep}future.py")
+        unretrieved = record.name == "asyncio" and "exception was never retrieved" in record.getMessage()
+        return (record.levelno >= pylogging.WARNING and not (orbax_thread or unretrieved)) or ours
 
 
 def _quiet_environment():

@@ -7,11 +7,16 @@ one optimizer update. Everything the loop needs is validated before anything is
 written, the step's memory included (compiled, not yet run).
 """
 
+import contextlib
 import dataclasses
+import errno
 import functools
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -407,14 +412,9 @@ class FiniteCheck:
             if not ok:
                 finite = _by_path(jax.device_get(grads_finite))
                 first = next((path for path, good in finite.items() if not good), "(the loss only)")
-                resume = (
-                    f"the last checkpoint is step {last_checkpoint}"
-                    if last_checkpoint is not None
-                    else "no checkpoint was written yet"
-                )
                 raise TrainingError(
                     f"non-finite loss or gradient at step {step + 1} (first non-finite gradient: {first}); "
-                    f"{resume}. Lower learning_rate or raise warmup_epochs."
+                    f"{_last_checkpoint(last_checkpoint)}. Lower learning_rate or raise warmup_epochs."
                 )
 
 
@@ -806,11 +806,68 @@ def step_gradient(setup: Setup, state: TrainState, batch: dict):
     return jax.jit(on_mesh(fn, setup.mesh))(state, input_pipeline.to_global(batch, sharding), key)[0]
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState):
+def save(manager: ocp.CheckpointManager, state: TrainState, workdir: str):
+    """Writes the checkpoint of the state's step (once).
+
+    Raises:
+      TrainingError: the storage refused the write (full, read-only, ...); the partial checkpoint
+        is removed and the message names the last complete one.
+    """
     step = int(state.step)
-    if manager.latest_step() != step:
+    if manager.latest_step() == step:
+        return
+    try:
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
+    except Exception as e:  # orbax and TensorStore wrap the OS error in their own
+        reason = storage_error(e)
+        if reason is None:
+            raise
+        checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+        if jax.process_index() == 0:
+            for partial in glob.glob(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+        manager.reload()
+        raise TrainingError(
+            f"{reason} while writing checkpoint {step} to {checkpoints}; {_last_checkpoint(manager.latest_step())}. "
+            "Make room and run the same command to resume."
+        ) from None
+
+
+def storage_error(error: BaseException) -> str | None:
+    """'no space left on the file system of PATH' (or the OS's words) when `error`, or an error it
+    wraps, is the storage refusing a write; None for any other error."""
+    while error is not None:
+        text = str(error)
+        if isinstance(error, OSError) and error.errno is not None:
+            code, where = error.errno, error.filename
+        else:  # TensorStore: "...: Failed to write N bytes to file F: No space left on device [os_error_code='28']"
+            found = re.search(r"os_error_code='(\d+)'", text)
+            code, where = (int(found[1]), _quoted_path(text)) if found else (None, None)
+            if code is None and "No space left on device" in text:  # TensorFlow's file writers
+                code = errno.ENOSPC
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on the file system of {_mount_point(where or '.')}"
+        if code in (errno.EROFS, errno.EACCES, errno.EIO):
+            return f"cannot write {where or 'to the workdir'} ({os.strerror(code)})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _quoted_path(text: str) -> str | None:
+    found = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
+    return found[1] if found else None
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _last_checkpoint(step: int | None) -> str:
+    return f"the last checkpoint is step {step}" if step is not None else "no checkpoint was written yet"
 
 
 def evaluate(setup: Setup, state: TrainState, eval_step, sharding, split: str) -> dict[str, float]:
@@ -939,7 +996,7 @@ def train_and_evaluate(
     batches = setup.data.train_batches(start)
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
-    with _Stop() as stop:
+    with _Stop() as stop, _storage_errors(manager, "the run's logs"):
         for step in range(start, steps.total):
             batch = input_pipeline.to_global(next(batches), sharding)
             state, metrics = train_step(state, batch, dropout_key)
@@ -969,14 +1026,31 @@ def train_and_evaluate(
                     logging.info("%s at step %d: %s", split, done, _format_eval(result))
             if done % steps.checkpoint == 0 or last or stop.signal is not None:
                 finite.check(manager.latest_step())
-                save(manager, state)
+                save(manager, state, workdir)
             if stop.signal is not None:
                 logging.warning("Signal %d: saved the checkpoint of step %d; stopping.", stop.signal, done)
                 result = {"step": done, "signal": stop.signal}
                 break
-    writer.flush()
+        writer.flush()
     manager.close()
     return state, result
+
+
+@contextlib.contextmanager
+def _storage_errors(manager: ocp.CheckpointManager, what: str):
+    """Turns the storage refusing a write of `what` into a TrainingError that names the last checkpoint."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as e:
+        reason = storage_error(e)
+        if reason is None:
+            raise
+        raise TrainingError(
+            f"{reason} while writing {what}; {_last_checkpoint(manager.latest_step())}. "
+            "Make room and run the same command to resume."
+        ) from None
 
 
 def _format_eval(result: dict[str, float]) -> str:

@@ -125,6 +125,7 @@ def test_corrupt_image_stops_with_its_name_and_check_images_lists_all(cifar10_sm
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: cannot decode image '") and "train/dog/broken.jpg" in last, last
     assert "python -m tools.check_images DIR" in last and "Traceback" not in err
+    assert "{{" not in last and "function_node" not in last, last  # our words, not TensorFlow's node names
     done = subprocess.run([sys.executable, "-m", "tools.check_images", str(data)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1
@@ -191,3 +192,35 @@ def test_start_up_is_quiet(tmp_path):
         "Constructing tf.data",
     ):
         assert noise not in out + err
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_one_line_and_resumes_once_there_is_room(tmp_path):
+    """The demo on a 2 MiB tmpfs: its third checkpoint does not fit. One error line naming the file
+    system and the last checkpoint, exit 1, no partial checkpoint left; with room, the same command
+    resumes from that checkpoint and finishes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here to fill ({mounted.stderr.strip()})")
+    try:
+        args = ["--config=configs/demo.py", f"--workdir={disk / 'run'}"]
+        code, out, err = run_main(args)
+        assert code == 1, err[-3000:]
+        lines = err.strip().splitlines()
+        assert sum(line.startswith("error: ") for line in lines) == 1 and lines[-1].startswith("error: "), err[-3000:]
+        assert lines[-1].startswith(f"error: no space left on the file system of {disk} while writing "), lines[-1]
+        assert "Traceback" not in out + err
+        checkpoints = disk / "run" / "checkpoints"
+        assert not list(checkpoints.glob("*tmp*"))  # no partial checkpoint
+        last = max(int(p.name) for p in checkpoints.iterdir())
+        assert f"the last checkpoint is step {last}." in lines[-1]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, out, err = run_main(args)
+        assert code == 0, err[-3000:]
+        assert f"Resuming from the checkpoint of step {last}." in err and "Finished at step 150: test top-1" in err
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
