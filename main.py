@@ -216,6 +216,7 @@ def main(argv):
 
 def train_in(jax, config, workdir: str) -> int:
     """Checks, prepares and trains; returns the exit code."""
+    import checkpoints
     import cluster
     import input_pipeline
     import models
@@ -256,7 +257,7 @@ def train_in(jax, config, workdir: str) -> int:
         return fail(str(e), EXIT_CONFIG)
     try:
         _, result = train.train_and_evaluate(config, workdir, setup)
-    except (train.TrainingError, input_pipeline.DataError) as e:
+    except (train.TrainingError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
         return fail(str(e), EXIT_RUNTIME)
     except Exception as e:
         if jax.process_count() > 1:  # most likely a lost peer: name it, and never hang

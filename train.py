@@ -7,16 +7,11 @@ one optimizer update. Everything the loop needs is validated before anything is
 written, the step's memory included (compiled, not yet run).
 """
 
-import contextlib
 import dataclasses
-import errno
 import functools
-import glob
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -28,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from flax import traverse_util
@@ -36,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import checkpoints
 import config_checks
 import host_memory
 import input_pipeline
@@ -53,8 +48,6 @@ MASK_FILE = "lars_mask.json"
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "data_split.json"  # with validation_images: which training images were held out
 LAYOUT_FILE = "layout.json"  # processes and devices of the run (gradients depend on them with per-device BN)
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed to restore, set aside
 
 
 @flax.struct.dataclass
@@ -414,7 +407,7 @@ class FiniteCheck:
                 first = next((path for path, good in finite.items() if not good), "(the loss only)")
                 raise TrainingError(
                     f"non-finite loss or gradient at step {step + 1} (first non-finite gradient: {first}); "
-                    f"{_last_checkpoint(last_checkpoint)}. Lower learning_rate or raise warmup_epochs."
+                    f"{checkpoints.last_checkpoint(last_checkpoint)}. Lower learning_rate or raise warmup_epochs."
                 )
 
 
@@ -672,74 +665,15 @@ def _init_fn(setup: Setup) -> Callable[[], TrainState]:
     return init
 
 
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
-
-
-def restore(setup: Setup, manager: ocp.CheckpointManager, step: int) -> TrainState:
-    """Restores a checkpoint into the shapes and shardings of a fresh state."""
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state(setup)))
-
-
-def restore_or_init(setup: Setup, manager: ocp.CheckpointManager, workdir: str) -> TrainState:
-    """The newest checkpoint that restores, or a fresh state when there is none.
-
-    A checkpoint that fails to restore (orbax and TensorStore check what they read: a damaged
-    file fails to decompress or to match its metadata) is named in one warning line and moved
-    by the lead process to WORKDIR/damaged_checkpoints/, never deleted; the one before is tried.
-
-    Raises:
-      TrainingError: there were checkpoints and none restores.
-    """
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-        try:
-            state = restore(setup, manager, step)
-        except Exception as e:  # orbax and TensorStore raise plain Exceptions for unreadable data
-            _set_aside(manager, workdir, step, e)
-            continue
-        logging.info("Resuming from the checkpoint of step %d.", step)
-        return state
-    if steps:
-        raise TrainingError(
-            f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} can be restored (steps "
-            f"{', '.join(map(str, steps))} were moved to {os.path.join(workdir, DAMAGED_DIR)}); move a repaired one "
-            "back to resume, or use a new --workdir to start over."
-        )
-    return init_state(setup)
-
-
-def _set_aside(manager: ocp.CheckpointManager, workdir: str, step: int, error: Exception):
-    """Moves a checkpoint that failed to restore out of the checkpoint folder (lead process only)."""
-    while error.__cause__ is not None:  # TensorStore's own message is the innermost
-        error = error.__cause__
-    reason = " ".join(str(error).split())[:300] or type(error).__name__
-    target = os.path.join(workdir, DAMAGED_DIR, str(step))
-    logging.warning("The checkpoint of step %d cannot be restored (%s); moved to %s.", step, reason, target)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), _free_name(target))
-    manager.reload()
-
-
-def _free_name(path: str) -> str:
-    """path, or path.1, path.2, ... if a checkpoint of that step was set aside before."""
-    candidate, n = path, 0
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{path}.{n}"
-    return candidate
-
-
 def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> tuple[Setup, TrainState]:
     """The setup of a config and a checkpoint in workdir (the latest by default), for notebooks and tools."""
     setup = prepare(config)
-    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    manager = checkpoints.manager(workdir, config.keep_checkpoints)
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
-        raise ValueError(f"No checkpoint {step or ''} in {os.path.join(workdir, CHECKPOINT_DIR)} (have {steps}).")
-    state = restore(setup, manager, max(steps) if step is None else step)
+        folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+        raise ValueError(f"No checkpoint {step or ''} in {folder} (have {steps}).")
+    state = checkpoints.restore(manager, max(steps) if step is None else step, abstract_state(setup))
     manager.close()
     return setup, state
 
@@ -760,8 +694,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       ValueError: naming the keys that change parameter or optimizer shapes.
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isfile(path) or not any(p.isdigit() for p in _listdir(checkpoints)):
+    folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    if not os.path.isfile(path) or not any(p.isdigit() for p in _listdir(folder)):
         return []
     with open(path) as f:
         old = traverse_util.flatten_dict(json.load(f), sep=".")
@@ -804,70 +738,6 @@ def step_gradient(setup: Setup, state: TrainState, batch: dict):
     sharding = NamedSharding(setup.mesh, P("data"))
     key = jax.random.key(setup.config.seed + 1)
     return jax.jit(on_mesh(fn, setup.mesh))(state, input_pipeline.to_global(batch, sharding), key)[0]
-
-
-def save(manager: ocp.CheckpointManager, state: TrainState, workdir: str):
-    """Writes the checkpoint of the state's step (once).
-
-    Raises:
-      TrainingError: the storage refused the write (full, read-only, ...); the partial checkpoint
-        is removed and the message names the last complete one.
-    """
-    step = int(state.step)
-    if manager.latest_step() == step:
-        return
-    try:
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        manager.wait_until_finished()
-    except Exception as e:  # orbax and TensorStore wrap the OS error in their own
-        reason = storage_error(e)
-        if reason is None:
-            raise
-        checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-        if jax.process_index() == 0:
-            for partial in glob.glob(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(partial, ignore_errors=True)
-        manager.reload()
-        raise TrainingError(
-            f"{reason} while writing checkpoint {step} to {checkpoints}; {_last_checkpoint(manager.latest_step())}. "
-            "Make room and run the same command to resume."
-        ) from None
-
-
-def storage_error(error: BaseException) -> str | None:
-    """'no space left on the file system of PATH' (or the OS's words) when `error`, or an error it
-    wraps, is the storage refusing a write; None for any other error."""
-    while error is not None:
-        text = str(error)
-        if isinstance(error, OSError) and error.errno is not None:
-            code, where = error.errno, error.filename
-        else:  # TensorStore: "...: Failed to write N bytes to file F: No space left on device [os_error_code='28']"
-            found = re.search(r"os_error_code='(\d+)'", text)
-            code, where = (int(found[1]), _quoted_path(text)) if found else (None, None)
-            if code is None and "No space left on device" in text:  # TensorFlow's file writers
-                code = errno.ENOSPC
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            return f"no space left on the file system of {_mount_point(where or '.')}"
-        if code in (errno.EROFS, errno.EACCES, errno.EIO):
-            return f"cannot write {where or 'to the workdir'} ({os.strerror(code)})"
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _quoted_path(text: str) -> str | None:
-    found = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
-    return found[1] if found else None
-
-
-def _mount_point(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.ismount(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _last_checkpoint(step: int | None) -> str:
-    return f"the last checkpoint is step {step}" if step is not None else "no checkpoint was written yet"
 
 
 def evaluate(setup: Setup, state: TrainState, eval_step, sharding, split: str) -> dict[str, float]:
@@ -975,8 +845,9 @@ def train_and_evaluate(
 
     os.makedirs(workdir, exist_ok=True)
     writer, metrics_log, trust_log = _open_logs(workdir, lead)
-    manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = restore_or_init(setup, manager, workdir)
+    manager = checkpoints.manager(workdir, config.keep_checkpoints)
+    state = checkpoints.restore_latest(manager, workdir, abstract_state(setup))
+    state = init_state(setup) if state is None else state
     for log in (metrics_log, trust_log):  # each step once, after a run that died past its checkpoint
         log.drop_after(int(state.step))
     rules = lars.mask_report(state.params, optimizers.exclusion(config))
@@ -996,7 +867,7 @@ def train_and_evaluate(
     batches = setup.data.train_batches(start)
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
-    with _Stop() as stop, _storage_errors(manager, "the run's logs"):
+    with _Stop() as stop, checkpoints.storage_errors(manager, "the run's logs"):
         for step in range(start, steps.total):
             batch = input_pipeline.to_global(next(batches), sharding)
             state, metrics = train_step(state, batch, dropout_key)
@@ -1026,7 +897,7 @@ def train_and_evaluate(
                     logging.info("%s at step %d: %s", split, done, _format_eval(result))
             if done % steps.checkpoint == 0 or last or stop.signal is not None:
                 finite.check(manager.latest_step())
-                save(manager, state, workdir)
+                checkpoints.save(manager, state, workdir)
             if stop.signal is not None:
                 logging.warning("Signal %d: saved the checkpoint of step %d; stopping.", stop.signal, done)
                 result = {"step": done, "signal": stop.signal}
@@ -1034,23 +905,6 @@ def train_and_evaluate(
         writer.flush()
     manager.close()
     return state, result
-
-
-@contextlib.contextmanager
-def _storage_errors(manager: ocp.CheckpointManager, what: str):
-    """Turns the storage refusing a write of `what` into a TrainingError that names the last checkpoint."""
-    try:
-        yield
-    except TrainingError:
-        raise
-    except Exception as e:
-        reason = storage_error(e)
-        if reason is None:
-            raise
-        raise TrainingError(
-            f"{reason} while writing {what}; {_last_checkpoint(manager.latest_step())}. "
-            "Make room and run the same command to resume."
-        ) from None
 
 
 def _format_eval(result: dict[str, float]) -> str:
