@@ -100,7 +100,7 @@ def save(manager: ocp.CheckpointManager, state, workdir: str):
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
     except Exception as e:  # orbax and TensorStore wrap the OS error in their own
-        reason = storage_error(e)
+        reason = storage_error(e, workdir)
         if reason is None:
             raise
         checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
@@ -115,9 +115,10 @@ def save(manager: ocp.CheckpointManager, state, workdir: str):
         ) from None
 
 
-def storage_error(error: BaseException) -> str | None:
+def storage_error(error: BaseException, workdir: str) -> str | None:
     """'no space left on the file system of PATH' (or the OS's words) when `error`, or an error it
-    wraps, is the storage refusing a write; None for any other error."""
+    wraps, is the storage refusing a write (PATH: the file's, or else the workdir's); None for
+    any other error."""
     while error is not None:
         text = str(error)
         if isinstance(error, OSError) and error.errno is not None:
@@ -128,7 +129,7 @@ def storage_error(error: BaseException) -> str | None:
             if code is None and "No space left on device" in text:  # TensorFlow's file writers
                 code = errno.ENOSPC
         if code in (errno.ENOSPC, errno.EDQUOT):
-            return f"no space left on the file system of {_mount_point(where or '.')}"
+            return f"no space left on the file system of {_mount_point(where or workdir)}"
         if code in (errno.EROFS, errno.EACCES, errno.EIO):
             return f"cannot write {where or 'to the workdir'} ({os.strerror(code)})"
         error = error.__cause__ or error.__context__
@@ -152,14 +153,14 @@ def last_checkpoint(step: int | None) -> str:
 
 
 @contextlib.contextmanager
-def storage_errors(manager: ocp.CheckpointManager, what: str):
+def storage_errors(manager: ocp.CheckpointManager, workdir: str, what: str):
     """Turns the storage refusing a write of `what` into a CheckpointError that names the last checkpoint."""
     try:
         yield
     except CheckpointError:
         raise
     except Exception as e:
-        reason = storage_error(e)
+        reason = storage_error(e, workdir)
         if reason is None:
             raise
         raise CheckpointError(

@@ -87,6 +87,15 @@ def _quiet_environment():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _drop_closed_loop_callbacks(unraisable):
+    """sys.unraisablehook: after a checkpoint write fails (a full disk), TensorStore's pending writes
+    still complete and call back into orbax's event loop, which has closed; Python reports each
+    as an unraisable 'Event loop is closed'. The run's error line names the failure; others pass."""
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    if not closed:
+        sys.__unraisablehook__(unraisable)
+
+
 def _config_error_message(error: Exception) -> str:
     """One line for a failure to load the config file or an override."""
     text = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split())
@@ -188,6 +197,7 @@ def main(argv):
         return EXIT_CONFIG
     if not FLAGS.verbose:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
+        sys.unraisablehook = _drop_closed_loop_callbacks
     try:
         check_workdir(FLAGS.workdir)
     except ValueError as e:
@@ -260,6 +270,11 @@ def train_in(jax, config, workdir: str) -> int:
     except (train.TrainingError, checkpoints.CheckpointError, input_pipeline.DataError) as e:
         return fail(str(e), EXIT_RUNTIME)
     except Exception as e:
+        refused = checkpoints.storage_error(
+            e, workdir
+        )  # a write outside the loop's own checks (run files, TensorBoard)
+        if refused is not None:
+            return fail(f"{refused} while writing to --workdir={workdir}; resume with the same command", EXIT_RUNTIME)
         if jax.process_count() > 1:  # most likely a lost peer: name it, and never hang
             cluster.leave_after_peer_failure(e, FLAGS.heartbeat_timeout)
         raise

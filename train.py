@@ -867,7 +867,7 @@ def train_and_evaluate(
     batches = setup.data.train_batches(start)
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
-    with _Stop() as stop, checkpoints.storage_errors(manager, "the run's logs"):
+    with _Stop() as stop, checkpoints.storage_errors(manager, workdir, "the run's logs"):
         for step in range(start, steps.total):
             batch = input_pipeline.to_global(next(batches), sharding)
             state, metrics = train_step(state, batch, dropout_key)
