@@ -134,6 +134,8 @@ def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dic
         raise SystemExit(f"error: run {name} failed (its output is above); run the study again to resume.")
     records = read_jsonl(workdir / "metrics.jsonl")
     final = {r["split"]: r for r in records if r["kind"] == "eval"}  # the last of each split
+    if "test" not in final:  # main.py exits 0 when a signal stops it: the run is not over
+        raise SystemExit(f"error: run {name} stopped before its last step; run the study again to resume.")
     last_train = [r for r in records if r["kind"] == "train"][-1]
     row = {
         "method": method,
