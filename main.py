@@ -320,6 +320,9 @@ def log_outcome(result: dict, workdir: str):
             workdir,
         )
         return
+    if "split" not in result:  # resumed at its last step: nothing was trained or evaluated
+        logging.info("Finished at step %d: the run in --workdir=%s was already complete.", result["step"], workdir)
+        return
     top5 = f", top-5 {result['eval_top5']:.4f}" if "eval_top5" in result else ""
     logging.info(
         "Finished at step %d: %s top-1 %.4f%s, loss %.4f over %d images.",

@@ -565,7 +565,9 @@ def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
     if available is None:
         available = host_memory.available_bytes()
         if jax.process_count() > 1:  # every process compiles the same step
-            available = int(np.min(multihost_utils.process_allgather(np.int64(available))))
+            # In MiB: JAX gathers 32-bit integers unless x64 is on, and bytes pass 2**31.
+            mib = multihost_utils.process_allgather(np.int32(available // 2**20))
+            available = int(np.min(mib)) * 2**20
     if config.microbatch_size != microbatch.AUTO:
         setup, memory = _compiled(setup, setup.micro_size)
         if memory.total > available:
