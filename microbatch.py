@@ -7,9 +7,9 @@ inside a loop, so with `conv_impl` "xla" or "lax" on CPU the micro-steps are unr
 instead (straight-line code: memory grows with the number of micro-steps there).
 `microbatch_loop` overrides the choice.
 
-`microbatch_size="auto"` picks the largest micro-batch whose compiled step fits in the
-memory this process may use (`candidates`, `fits`); main.py reports a step that does not fit
-in one `error:` line before it runs.
+`microbatch_size="auto"` picks, among `candidates`, the largest micro-batch whose compiled
+step (`StepMemory`) fits in the memory this process may use (train.fit_train_step); main.py
+reports a step that does not fit in one `error:` line before it runs.
 """
 
 import dataclasses
