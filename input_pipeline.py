@@ -669,16 +669,20 @@ class Data:
     def local_batch(self) -> int:
         return self.shard_batch * len(self.train_shards)
 
-    def train_batches(self, start_step: int) -> Iterator[dict]:
+    def train_batches(self, start_step: int, micro_steps: int = 1) -> Iterator[dict]:
+        """This process's rows of every global batch from `start_step` on; with `micro_steps` > 1,
+        each batch as that many micro-batches, one after the other (each shard's consecutive
+        examples: the same examples, in the same order, as the whole batch)."""
+        shard_rows = self.micro_batch_rows(micro_steps) // len(self.train_shards)
         streams = [
             train_dataset(
                 shard.records,
                 shard.count,
                 self.preprocess,
-                local_batch=self.shard_batch,
+                local_batch=shard_rows,
                 seed=self.seed,
                 shard_index=shard.index,
-                start_step=start_step,
+                start_step=start_step * micro_steps,
                 cache=self.cache,
             )
             for shard in self.train_shards
@@ -690,6 +694,11 @@ class Data:
             )
         records = functools.reduce(lambda a, b: a.concatenate(b), [s.records for s in self.train_shards])
         return numpy_batches(ds, records, self.info)
+
+    def micro_batch_rows(self, micro_steps: int) -> int:
+        """This process's rows per micro-batch, or ValueError when a shard's rows do not split."""
+        _micro_rows(self.shard_batch, micro_steps, "data shard")
+        return self.local_batch // micro_steps
 
     def num_eval_batches(self, split: str | None = None) -> int:
         eval_set = self.eval_sets[split or self.periodic_eval_split]
@@ -704,6 +713,15 @@ class Data:
         return padded_eval_batches(
             numpy_batches(ds, records, self.info), self.local_eval_batch, self.num_eval_batches(split), shape
         )
+
+
+def _micro_rows(rows: int, micro_steps: int, holder: str) -> int:
+    if rows % micro_steps:
+        raise ValueError(
+            f"a {holder}'s {rows} rows per batch do not split into {micro_steps} micro-batches fed from the host; "
+            "use a microbatch_size that does, or data_shards=0."
+        )
+    return rows // micro_steps
 
 
 @dataclasses.dataclass
@@ -734,6 +752,10 @@ class SyntheticData:
     def num_eval_batches(self, split: str | None = None) -> int:
         return 1
 
+    def micro_batch_rows(self, micro_steps: int) -> int:
+        """This process's rows per micro-batch, or ValueError when they do not split."""
+        return _micro_rows(self.local_batch, micro_steps, "process")
+
     def _batch(self, rows: int, index: int) -> dict:
         rng = np.random.default_rng([self.seed, jax.process_index(), index])
         shape = (rows, self.image_size, self.image_size, self.info.channels)
@@ -742,9 +764,10 @@ class SyntheticData:
             "label": rng.integers(0, self.info.num_classes, rows).astype(np.int32),
         }
 
-    def train_batches(self, start_step: int) -> Iterator[dict]:
-        pool = [self._batch(self.local_batch, i) for i in range(2)]
-        step = start_step
+    def train_batches(self, start_step: int, micro_steps: int = 1) -> Iterator[dict]:
+        rows = self.micro_batch_rows(micro_steps)
+        pool = [self._batch(rows, i) for i in range(2)]
+        step = start_step * micro_steps
         while True:
             yield pool[step % 2]
             step += 1

@@ -1,11 +1,18 @@
 """Micro-batches: a global batch split into micro-steps whose gradients are summed before one update.
 
-Each micro-batch takes its rows from every device's own share (no communication). The
-micro-steps run as a `lax.scan` over one compiled micro-step, so the step's memory and
-compile time do not grow with their number; XLA:CPU's own convolutions run ~30x slower
-inside a loop, so with `conv_impl` "xla" or "lax" on CPU the micro-steps are unrolled
-instead (straight-line code: memory grows with the number of micro-steps there).
-`microbatch_loop` overrides the choice.
+In the compiled step, each micro-batch takes its rows from every device's own share (no
+communication). The micro-steps run as a `lax.scan` over one compiled micro-step, so the
+step's memory and compile time do not grow with their number; XLA:CPU's own convolutions
+run ~30x slower inside a loop, so with `conv_impl` "xla" or "lax" on CPU the micro-steps are
+unrolled instead (straight-line code: memory grows with the number of micro-steps there).
+
+When the global batch itself does not fit in memory (ImageNet's 32K batch is ~19 GiB of
+float32 images), the host feeds it micro-batch by micro-batch ("host"): one compiled
+micro-step adds a micro-batch's gradient to a running sum, and one compiled update applies
+the mean. The input pipeline then yields micro-batches (consecutive examples of its stream,
+so every step trains on the same examples as a compiled step of the whole batch would).
+`microbatch_loop` overrides the choice; "auto" feeds from the host only when the compiled
+step does not fit.
 
 `microbatch_size="auto"` picks, among `candidates`, the largest micro-batch whose compiled
 step (`StepMemory`) fits in the memory this process may use (train.fit_train_step); main.py
@@ -19,13 +26,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-LOOPS = ("auto", "scan", "unroll")
+LOOPS = ("auto", "scan", "unroll", "host")
 AUTO = "auto"
+FED = "host"  # micro-batches fed one at a time from the host
 
 
 def loop_kind(requested: str, impl: str, backend: str) -> str:
-    """ "scan" or "unroll": `requested`, or for "auto" what is fast with the convolutions `impl`."""
-    if requested != AUTO:
+    """The loop of micro-steps inside a compiled step, "scan" or "unroll": `requested`, or
+    otherwise what is fast with the convolutions `impl`."""
+    if requested in ("scan", "unroll"):
         return requested
     return "unroll" if backend == "cpu" and impl in ("xla", "lax") else "scan"
 
@@ -83,17 +92,18 @@ class StepMemory:
     pipeline prepares in host memory while the step runs."""
 
     temporaries: int
-    arguments: int  # the train state and the batch
+    arguments: int  # the train state and the batch (fed: and the gradient sum)
     outputs: int
     aliased: int  # outputs written into donated arguments (the new train state)
-    next_batch: int
+    next_batch: int  # also the bytes of the batch among the arguments
+    fed: bool = False  # the batch is a micro-batch fed from the host
 
     @property
     def total(self) -> int:
         return self.temporaries + self.arguments + self.outputs - self.aliased + self.next_batch
 
     @classmethod
-    def of(cls, compiled, local_devices: int, batch_bytes: int) -> "StepMemory":
+    def of(cls, compiled, local_devices: int, batch_bytes: int, fed: bool = False) -> "StepMemory":
         """The memory of a `jax.jit(...).lower(...).compile()` result (XLA reports one device's)
         whose batch takes `batch_bytes` in this process."""
         analysis = compiled.memory_analysis()
@@ -103,7 +113,14 @@ class StepMemory:
             outputs=analysis.output_size_in_bytes * local_devices,
             aliased=analysis.alias_size_in_bytes * local_devices,
             next_batch=batch_bytes,
+            fed=fed,
         )
+
+    def estimate(self, fraction: float) -> float:
+        """The total with a micro-batch `fraction` times this one's: XLA's temporaries scale with
+        it, and so do the fed batch and the next one (a compiled step holds the whole batch)."""
+        scaling = self.temporaries + (2 * self.next_batch if self.fed else 0)
+        return self.total - scaling * (1 - fraction)
 
     def describe(self) -> str:
         return (

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -210,12 +210,11 @@ def _leaf_norms(tree):
 # --------------------------------------------------------------------------
 
 
-def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
-    """Returns accumulate_grads(state, batch, key) -> (grads, batch_stats, loss, correct).
+def make_micro_step(model, config, num_classes: int):
+    """Returns micro_step(params, key, carry, ((images, labels), index)) -> (carry, None).
 
-    The gradient of the mean loss over the global batch, accumulated over
-    `num_micro` micro-steps (each taking its rows from every device's share);
-    BatchNorm statistics are updated micro-step by micro-step.
+    The carry is (gradient sum, BatchNorm statistics, loss sum, correct count); `key` is the
+    step's dropout key, folded with the micro-step's index.
     """
 
     def loss_fn(params, batch_stats, images, labels, key):
@@ -231,36 +230,55 @@ def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def micro_step(params, key, carry, inputs):
+        grads_sum, batch_stats, loss_sum, correct = carry
+        (images, labels), index = inputs
+        (loss, (batch_stats, logits)), grads = grad_fn(
+            params, batch_stats, images, labels, jax.random.fold_in(key, index)
+        )
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
+        return (grads_sum, batch_stats, loss_sum + loss, correct), None
+
+    return micro_step
+
+
+def _initial_carry(state: TrainState):
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    return zeros, state.batch_stats, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+
+
+def _mean(carry, num_micro: int):
+    """(mean gradient, BatchNorm statistics, mean loss, correct count) of the summed carry."""
+    grads, batch_stats, loss, correct = carry
+    return jax.tree.map(lambda g: g / num_micro, grads), batch_stats, loss / num_micro, correct
+
+
+def make_grad_fn(model, config, num_classes: int, mesh: Mesh, num_micro: int):
+    """Returns accumulate_grads(state, batch, key) -> (grads, batch_stats, loss, correct).
+
+    The gradient of the mean loss over the global batch, accumulated over
+    `num_micro` micro-steps (each taking its rows from every device's share);
+    BatchNorm statistics are updated micro-step by micro-step.
+    """
+    micro_step = make_micro_step(model, config, num_classes)
     loop = microbatch.loop_kind(config.microbatch_loop, conv_impl(config), jax.default_backend())
 
     def accumulate_grads(state: TrainState, batch, key):
         key = jax.random.fold_in(key, state.step)
-
-        def micro_step(carry, inputs):
-            grads_sum, batch_stats, loss_sum, correct = carry
-            (images, labels), index = inputs
-            (loss, (batch_stats, logits)), grads = grad_fn(
-                state.params, batch_stats, images, labels, jax.random.fold_in(key, index)
-            )
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
-            return (grads_sum, batch_stats, loss_sum + loss, correct), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = _initial_carry(state)
         micro = microbatch.split((batch["image"], batch["label"]), mesh, num_micro)
-        init = (zeros, state.batch_stats, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
-        grads, batch_stats, loss, correct = microbatch.accumulate(micro_step, init, micro, num_micro, loop)
-        return jax.tree.map(lambda g: g / num_micro, grads), batch_stats, loss / num_micro, correct
+        body = functools.partial(micro_step, state.params, key)
+        return _mean(microbatch.accumulate(body, init, micro, num_micro, loop), num_micro)
 
     return accumulate_grads
 
 
-def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: Mesh, num_micro: int):
-    """Returns train_step(state, batch, dropout_key) -> (state, metrics)."""
-    accumulate_grads = make_grad_fn(model, config, num_classes, mesh, num_micro)
+def make_apply_gradients(optimizer, schedule, batch_size: int):
+    """Returns apply_gradients(state, grads, batch_stats, loss, correct) -> (state, metrics):
+    the optimizer update of a global batch of `batch_size` whose mean gradient is `grads`."""
 
-    def train_step(state: TrainState, batch, key):
-        grads, batch_stats, loss, correct = accumulate_grads(state, batch, key)
+    def apply_gradients(state: TrainState, grads, batch_stats, loss, correct):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -268,9 +286,6 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
         # finiteness check and the global norms: a layer's norm is non-finite when an element is
         # inf or NaN (or when its square passes float32's range, ~1.8e19, which stops the step too),
         # and param_norm, like layer_param_norms, is that of the parameters the step started from.
-        # A mask of every gradient element, and the norm of the updated parameters, were each one
-        # more pass over every weight (AlexNet-BN bf16, fc6 alone: 13 + 17 ms for the mask and its
-        # reduction; a 14 ms select that could not fuse with the update; in a 0.63 s step).
         grad_norms, param_norms = _leaf_norms(grads), _leaf_norms(state.params)
         grads_finite = jax.tree.map(jnp.isfinite, grad_norms)
         ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
@@ -279,7 +294,7 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         metrics = {
             "loss": loss,
-            "accuracy": correct / batch["label"].shape[0],
+            "accuracy": correct / batch_size,
             "learning_rate": schedule(state.step),
             "grad_norm": optax.tree.norm(grad_norms),
             "param_norm": optax.tree.norm(param_norms),
@@ -294,7 +309,55 @@ def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: 
             metrics["trust_ratios"] = ratios
         return new_state, metrics
 
+    return apply_gradients
+
+
+def make_train_step(model, optimizer, schedule, config, num_classes: int, mesh: Mesh, num_micro: int):
+    """Returns train_step(state, batch, dropout_key) -> (state, metrics)."""
+    accumulate_grads = make_grad_fn(model, config, num_classes, mesh, num_micro)
+    apply_gradients = make_apply_gradients(optimizer, schedule, config.batch_size)
+
+    def train_step(state: TrainState, batch, key):
+        return apply_gradients(state, *accumulate_grads(state, batch, key))
+
     return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class FedStep:
+    """A training step whose micro-batches the host feeds one at a time (microbatch_loop "host"):
+    a global batch larger than memory. Gradients, BatchNorm statistics and the dropout keys are
+    those of the compiled step's micro-steps; only the batch is never whole in memory.
+
+    Attributes are compiled programs: start(state) -> carry; micro(state, carry, micro_batch,
+    key, index) -> carry (donates the carry); finish(state, carry) -> (state, metrics) (donates both).
+    """
+
+    start: Any
+    micro: Any
+    finish: Any
+    num_micro: int
+
+    def __call__(self, state: TrainState, micro_batches: Iterator[dict], key) -> tuple[TrainState, dict]:
+        carry = self.start(state)
+        for index in range(self.num_micro):
+            carry = self.micro(state, carry, next(micro_batches), key, np.int32(index))
+        return self.finish(state, carry)
+
+
+def make_fed_step_fns(model, optimizer, schedule, config, num_classes: int, num_micro: int):
+    """The three functions of a `FedStep`, to be jitted: (start, micro, finish)."""
+    micro_step = make_micro_step(model, config, num_classes)
+    apply_gradients = make_apply_gradients(optimizer, schedule, config.batch_size)
+
+    def micro(state: TrainState, carry, batch, key, index):
+        key = jax.random.fold_in(key, state.step)
+        return micro_step(state.params, key, carry, ((batch["image"], batch["label"]), index))[0]
+
+    def finish(state: TrainState, carry):
+        return apply_gradients(state, *_mean(carry, num_micro))
+
+    return _initial_carry, micro, finish
 
 
 def make_eval_step(model, num_classes: int):
@@ -451,8 +514,14 @@ class Setup:
     schedule: Callable
     optimizer: optax.GradientTransformation
     num_micro: int
-    # The compiled train step, from `fit_train_step` (which also checks its memory).
+    # The compiled train step, from `fit_train_step` (which also checks its memory): a jitted
+    # (state, batch, key) -> (state, metrics), or a FedStep taking an iterator of micro-batches.
     train_step: Any = None
+
+    @property
+    def fed(self) -> bool:
+        """Whether the host feeds the step micro-batch by micro-batch."""
+        return isinstance(self.train_step, FedStep)
 
     @property
     def micro_size(self) -> int:
@@ -549,7 +618,10 @@ def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
     """Compiles the train step for the run's shapes and checks that it fits in this process's memory.
 
     With microbatch_size="auto", picks the largest micro-batch (a divisor of the per-device
-    share, whole ghost batches) whose step fits, and logs it.
+    share, whole ghost batches) whose step fits, and logs it. With microbatch_loop="auto", a
+    global batch that does not fit in one compiled step is fed from the host micro-batch by
+    micro-batch (`FedStep`), and evaluation then takes micro-batch-sized batches unless
+    eval_batch_size says otherwise.
 
     Args:
       setup: from `prepare`.
@@ -568,43 +640,85 @@ def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
             # In MiB: JAX gathers 32-bit integers unless x64 is on, and bytes pass 2**31.
             mib = multihost_utils.process_allgather(np.int32(available // 2**20))
             available = int(np.min(mib)) * 2**20
-    if config.microbatch_size != microbatch.AUTO:
-        setup, memory = _compiled(setup, setup.micro_size)
-        if memory.total > available:
-            raise ValueError(_too_big(setup, memory, available))
+    auto = config.microbatch_size == microbatch.AUTO
+    feeds = {microbatch.AUTO: (False, True), microbatch.FED: (True,)}.get(config.microbatch_loop, (False,))
+    for fed in feeds:
+        fitted, memory = _compiled(setup, _micro_sizes(setup)[0] if auto else setup.micro_size, fed)
+        while auto and memory.total > available:
+            smaller = _smaller_that_fit(fitted, memory, available)
+            if not smaller:
+                break
+            fitted, memory = _compiled(setup, smaller[0], fed)
+        if memory.total <= available:
+            break
+    else:
+        raise ValueError(_too_big(fitted, memory, available))
+    if auto or fed != feeds[0]:
+        logging.info(
+            "microbatch_size=%s: %d examples per device per micro-step (%d micro-steps%s); the step needs %s of %s.",
+            config.microbatch_size,
+            fitted.micro_size,
+            fitted.num_micro,
+            ", fed from the host: the global batch does not fit in memory at once" if fed else "",
+            microbatch.gb(memory.total),
+            microbatch.gb(available),
+        )
+    if fitted.fed and fitted.data is not None:
+        fitted.data.micro_batch_rows(fitted.num_micro)  # the pipeline can cut its batches
+    return _with_eval_batch(fitted)
+
+
+def _with_eval_batch(setup: Setup) -> Setup:
+    """Without an eval_batch_size, a micro-stepped run evaluates in batches of one micro-step's
+    global size: a forward pass over the whole global batch may not fit where its step does."""
+    if setup.config.eval_batch_size or setup.num_micro == 1 or setup.data is None:
         return setup
-    fitted, memory = _compiled(setup, _micro_sizes(setup)[0])
-    while memory.total > available:
-        smaller = _smaller_that_fit(fitted, memory, available)
-        if not smaller:
-            raise ValueError(_too_big(fitted, memory, available))
-        fitted, memory = _compiled(setup, smaller[0])
-    logging.info(
-        "microbatch_size=auto: %d examples per device per micro-step (%d micro-steps); the step needs %s of %s.",
-        fitted.micro_size,
-        fitted.num_micro,
-        microbatch.gb(memory.total),
-        microbatch.gb(available),
-    )
-    return fitted
+    rows = setup.config.batch_size // setup.num_micro // jax.process_count()
+    return dataclasses.replace(setup, data=dataclasses.replace(setup.data, local_eval_batch=rows))
 
 
-def _compiled(setup: Setup, micro: int) -> tuple[Setup, "microbatch.StepMemory"]:
-    """`setup` with `micro` examples per device per micro-step, its train step compiled, and its memory."""
+def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.StepMemory"]:
+    """`setup` with `micro` examples per device per micro-step, its train step compiled (fed from
+    the host or not), and its memory."""
     per_device = setup.config.batch_size // setup.mesh.size
     model = create_model(setup.config, setup.num_classes, bn_group_size(setup.config, micro))
     setup = dataclasses.replace(setup, model=model, num_micro=per_device // micro)
+    rows = setup.config.batch_size // setup.num_micro if fed else setup.config.batch_size
+    batch = _abstract_batch(setup, rows)
+    local_devices = len(setup.mesh.local_devices)
+    batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // jax.process_count()
+    state, key = abstract_state(setup), jax.random.key(0)
+    if not fed:
+        compiled = jit_train_step(setup).lower(state, batch, key).compile()
+        return dataclasses.replace(setup, train_step=compiled), microbatch.StepMemory.of(
+            compiled, local_devices, batch_bytes
+        )
+    start, micro_fn, finish = make_fed_step_fns(
+        setup.model, setup.optimizer, setup.schedule, setup.config, setup.num_classes, setup.num_micro
+    )
+    start = jax.jit(start).lower(state).compile()
+    replicated = NamedSharding(setup.mesh, P())
+    carry = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(_initial_carry, state)
+    )
+    micro_fn = jax.jit(on_mesh(micro_fn, setup.mesh), donate_argnums=1)
+    micro_fn = micro_fn.lower(state, carry, batch, key, jax.ShapeDtypeStruct([], jnp.int32)).compile()
+    finish = jax.jit(on_mesh(finish, setup.mesh), donate_argnums=(0, 1)).lower(state, carry).compile()
+    memory = max(
+        (microbatch.StepMemory.of(c, local_devices, batch_bytes, fed=True) for c in (micro_fn, finish)),
+        key=lambda m: m.total,
+    )
+    return dataclasses.replace(setup, train_step=FedStep(start, micro_fn, finish, setup.num_micro)), memory
+
+
+def _abstract_batch(setup: Setup, rows: int) -> dict:
+    """The shapes of a global training batch of `rows` examples, sharded over "data"."""
     sharding = NamedSharding(setup.mesh, P("data"))
-    image_shape = (setup.config.batch_size, setup.image_size, setup.image_size, setup.channels)
-    batch = {
+    image_shape = (rows, setup.image_size, setup.image_size, setup.channels)
+    return {
         "image": jax.ShapeDtypeStruct(image_shape, jnp.float32, sharding=sharding),
         "label": jax.ShapeDtypeStruct(image_shape[:1], jnp.int32, sharding=sharding),
     }
-    compiled = jit_train_step(setup).lower(abstract_state(setup), batch, jax.random.key(0)).compile()
-    local_rows = setup.config.batch_size // jax.process_count()
-    batch_bytes = local_rows * (math.prod(image_shape[1:]) * 4 + 4)  # float32 images, int32 labels
-    memory = microbatch.StepMemory.of(compiled, len(setup.mesh.local_devices), batch_bytes)
-    return dataclasses.replace(setup, train_step=compiled), memory
 
 
 def _micro_sizes(setup: Setup) -> list[int]:
@@ -615,10 +729,9 @@ def _micro_sizes(setup: Setup) -> list[int]:
 
 
 def _smaller_that_fit(setup: Setup, memory: "microbatch.StepMemory", available: int) -> list[int]:
-    """Smaller micro-batch sizes whose step should fit: XLA's temporaries scale with the micro-batch."""
+    """Smaller micro-batch sizes whose step should fit (`StepMemory.estimate`)."""
     micro = setup.micro_size
-    estimate = lambda n: memory.total - memory.temporaries * (1 - n / micro)  # noqa: E731
-    return [n for n in _micro_sizes(setup) if n < micro and estimate(n) <= available]
+    return [n for n in _micro_sizes(setup) if n < micro and memory.estimate(n / micro) <= available]
 
 
 def _too_big(setup: Setup, memory: "microbatch.StepMemory", available: int) -> str:
@@ -629,8 +742,9 @@ def _too_big(setup: Setup, memory: "microbatch.StepMemory", available: int) -> s
         else "no micro-batch fits (the train state and the batch alone do not): use a smaller batch_size or more "
         "processes"
     )
+    fed = ", fed from the host" if memory.fed else ""
     return (
-        f"the train step needs {memory.describe()} with {setup.micro_size} examples per device per micro-step, "
+        f"the train step needs {memory.describe()} with {setup.micro_size} examples per device per micro-step{fed}, "
         f"but this process may use {microbatch.gb(available)}; {hint}."
     )
 
@@ -783,7 +897,7 @@ def _write_run_files(workdir: str, setup: Setup, mask: dict[str, str], writer):
 def _log_layout(setup: Setup):
     steps, config = setup.steps, setup.config
     logging.info(
-        "%d steps (%d per epoch), warmup %d, global batch %d = %d devices x %d micro-steps x %d",
+        "%d steps (%d per epoch), warmup %d, global batch %d = %d devices x %d micro-steps x %d%s",
         steps.total,
         steps.per_epoch,
         steps.warmup,
@@ -791,6 +905,7 @@ def _log_layout(setup: Setup):
         setup.mesh.size,
         setup.num_micro,
         setup.micro_size,
+        " (micro-batches fed from the host)" if setup.fed else "",
     )
 
 
@@ -866,13 +981,16 @@ def train_and_evaluate(
     finite = FiniteCheck()
 
     start = int(state.step)
-    batches = setup.data.train_batches(start)
+    micro_steps = setup.num_micro if setup.fed else 1
+    batches = (input_pipeline.to_global(b, sharding) for b in setup.data.train_batches(start, micro_steps))
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
     with _Stop() as stop, checkpoints.storage_errors(manager, workdir, "the run's logs"):
         for step in range(start, steps.total):
-            batch = input_pipeline.to_global(next(batches), sharding)
-            state, metrics = train_step(state, batch, dropout_key)
+            if setup.fed:
+                state, metrics = train_step(state, batches, dropout_key)
+            else:
+                state, metrics = train_step(state, next(batches), dropout_key)
             finite.add(step, metrics)
             done = step + 1
             last = done == steps.total

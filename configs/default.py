@@ -50,7 +50,7 @@ def get_config():
 
     # Batch: global over all devices of all processes.
     config.batch_size = 32768
-    config.eval_batch_size = 0  # 0 = batch_size
+    config.eval_batch_size = 0  # 0 = batch_size (micro-stepped runs: one micro-step's global size)
     # Examples per device per micro-step; 0 = the whole per-device share at once;
     # "auto" = the largest divisor of the per-device share whose step fits in the
     # memory this process may use (main.py logs the choice). Gradients of the
@@ -61,7 +61,11 @@ def get_config():
     # How micro-steps run (microbatch.py): "scan" (one compiled micro-step in a loop:
     # memory and compile time do not grow with their number), "unroll" (straight-line
     # code; XLA:CPU's own convolutions run ~30x slower in a loop, but memory grows
-    # with the micro-steps), "auto" (unroll for conv_impl "xla"/"lax" on CPU, else scan).
+    # with the micro-steps), "host" (the host feeds the micro-batches one at a time to a
+    # compiled micro-step: for a global batch whose images do not fit in memory at once),
+    # "auto" (unroll for conv_impl "xla"/"lax" on CPU, else scan; "host" when the compiled
+    # step does not fit). Without eval_batch_size, micro-stepped runs evaluate in batches
+    # of one micro-step's global size.
     config.microbatch_loop = "auto"
 
     # Duration.

@@ -123,6 +123,21 @@ def stream(data, start, count):
     return [b for b in itertools.islice(data.train_batches(start), count)]
 
 
+def test_micro_batches_are_the_batches_in_pieces(demo_dir):
+    """Fed from the host, batch k arrives as 4 micro-batches: its rows in order, at the start of a
+    run and when resuming mid-stream (batch 2 straddles the first epoch's end)."""
+    data = open_data("demo", demo_dir, batch=512, size=8)
+    for start in (0, 2):
+        whole = stream(data, start, 2)
+        pieces = list(itertools.islice(data.train_batches(start, micro_steps=4), 8))
+        assert [p["image"].shape[0] for p in pieces] == [128] * 8
+        for k, batch in enumerate(whole):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in pieces[4 * k : 4 * k + 4]]), batch[key])
+    with pytest.raises(ValueError, match="512 rows per batch do not split into 3 micro-batches"):
+        data.micro_batch_rows(3)
+
+
 def test_same_seed_same_batches_and_resume_mid_stream(demo_dir):
     # Batch 512 over 1,497 examples: batches 2 and 5 straddle epoch boundaries.
     data = open_data("demo", demo_dir, batch=512, size=8)

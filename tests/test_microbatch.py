@@ -95,6 +95,50 @@ def test_a_step_that_does_not_fit_names_a_micro_batch_that_does():
         compiled_step(batch, "auto", available=1 << 20)
 
 
+def fed_memory(batch: int, micro: int) -> int:
+    """The memory of the host-fed step as fit_train_step counts it: the larger of its micro-step
+    (train state, gradient sum, one micro-batch) and its update, plus the next micro-batch."""
+    step = compiled_step(batch, micro, loop="host").train_step
+    micro_bytes = batch // (batch // DEVICES // micro) * (SIZE * SIZE * 4 + 4)
+    return max(DEVICES * program_bytes(c.memory_analysis()) for c in (step.micro, step.finish)) + micro_bytes
+
+
+def program_bytes(analysis) -> int:
+    return (
+        analysis.temp_size_in_bytes
+        + analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def test_a_batch_larger_than_memory_is_fed_from_the_host():
+    """Per-device share 4,096 of 32x32 float32 images: the global batch alone (64 MiB, and the next
+    one beside it) does not fit in 48 MiB, so no compiled step fits; "auto" feeds micro-batches from
+    the host, the largest whose step fits, and evaluates in micro-batch-sized batches."""
+    batch, room = DEVICES * 4096, 48 << 20
+    assert 2 * batch * SIZE * SIZE * 4 > room  # hand count: this batch and the next
+    fitted = compiled_step(batch, "auto", available=room)
+    assert fitted.fed and fitted.num_micro * fitted.micro_size == 4096
+    assert fed_memory(batch, fitted.micro_size) <= room < fed_memory(batch, 2 * fitted.micro_size)
+    # The micro-step's arguments hold one micro-batch, not the batch.
+    arguments = fitted.train_step.micro.memory_analysis().argument_size_in_bytes
+    assert arguments < fitted.micro_size * SIZE * SIZE * 4 + (4 << 20), arguments
+
+
+def test_evaluation_takes_micro_batch_sized_batches():
+    """Without eval_batch_size, a run of 4 micro-steps evaluates in batches of a quarter of its
+    global batch (synthetic data: the pipeline's batches are the evaluated ones)."""
+    config = demo.get_config()
+    config.update(dataset="synthetic", batch_size=DEVICES * 64, microbatch_size=16, eval_batch_size=0, num_classes=10)
+    setup = train.fit_train_step(train.prepare(config), ENOUGH)
+    assert setup.num_micro == 4 and not setup.fed
+    assert next(setup.data.eval_batches())["image"].shape[0] == DEVICES * 16
+    config.microbatch_loop = "host"
+    fed = train.fit_train_step(train.prepare(config), ENOUGH)
+    assert fed.fed and next(fed.data.eval_batches())["image"].shape[0] == DEVICES * 16
+
+
 def test_micro_batch_sizes_hold_whole_ghost_batches():
     assert microbatch.candidates(12, None) == [12, 6, 4, 3, 2, 1]
     assert microbatch.candidates(256, 64) == [256, 128, 64]
@@ -105,6 +149,7 @@ def test_loop_kind_keeps_xla_convolutions_out_of_loops_on_cpu():
     assert microbatch.loop_kind("auto", "xla", "cpu") == "unroll"
     assert microbatch.loop_kind("auto", "lax", "gpu") == "scan"
     assert microbatch.loop_kind("unroll", "onednn", "cpu") == "unroll"
+    assert microbatch.loop_kind("host", "xla", "cpu") == "unroll"  # the notebook's step_gradient
 
 
 def memory_cgroup(limit: int) -> pathlib.Path | None:

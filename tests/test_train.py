@@ -160,9 +160,10 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loop", ["scan", "unroll"])
+@pytest.mark.parametrize("loop", ["scan", "unroll", "host"])
 def test_gradient_accumulation_equals_one_big_step(cifar10_small, tmp_path, loop):
-    """Batch 32 on 4 devices as 4 micro-steps of 2 per device equals one step of 8 per device."""
+    """Batch 32 on 4 devices as 4 micro-steps of 2 per device equals one step of 8 per device,
+    whether the micro-steps run in the compiled step or the host feeds them one by one."""
     common = dict(
         model="cifar_resnet8", batch_size=32, num_train_steps=3, eval_every_steps=1000, checkpoint_every_steps=1000,
         model_kwargs={"use_bn": False}, warmup_steps=0, learning_rate=0.5, microbatch_loop=loop,
