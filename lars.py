@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import trees
+
 FORMULAS = ("paper", "optax")
 # The default exclusion rule: biases and BatchNorm scales/offsets.
 NDIM_RULE = "ndim<=1"
@@ -45,24 +47,6 @@ Exclude = str | Sequence[str] | Callable[[str, Any], bool] | None
 # --------------------------------------------------------------------------
 # Parameter paths and exclusion masks.
 # --------------------------------------------------------------------------
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def param_path(key_path) -> str:
-    """Joins a JAX key path into "Dense_0/kernel"."""
-    return "/".join(_key_name(k) for k in key_path)
-
-
-def flatten_with_paths(tree) -> dict[str, Any]:
-    """Returns {"path/to/leaf": leaf} in the tree's flattening order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {param_path(path): leaf for path, leaf in leaves}
 
 
 def _exclusion_rules(exclude: Exclude) -> list[tuple[str, Callable[[str, Any], bool]]]:
@@ -104,7 +88,7 @@ def mask_report(params, exclude: Exclude = NDIM_RULE) -> dict[str, str]:
     """
     rules = _exclusion_rules(exclude)
     report, used = {}, set()
-    for path, param in flatten_with_paths(params).items():
+    for path, param in trees.flatten_with_paths(params).items():
         report[path] = LARS_RULE
         for name, predicate in rules:
             if predicate(path, param):
@@ -125,7 +109,7 @@ def lars_mask(exclude: Exclude = NDIM_RULE) -> Callable[[Any], Any]:
 
     def mask_fn(params):
         report = mask_report(params, exclude)
-        flags = [report[path] == LARS_RULE for path in flatten_with_paths(params)]
+        flags = [report[path] == LARS_RULE for path in trees.flatten_with_paths(params)]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
 
     return mask_fn
@@ -144,12 +128,6 @@ def _resolve_mask(mask, params):
 # --------------------------------------------------------------------------
 # The trust ratio.
 # --------------------------------------------------------------------------
-
-
-def _norm(x):
-    # At least float32, so bfloat16 parameters do not lose the norm.
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sqrt(jnp.sum(jnp.square(x)))
 
 
 def local_lr(
@@ -252,9 +230,9 @@ def scale_by_lars(
                 return g, jnp.ones([], jnp.float32)
             decayed = g + weight_decay * w
             ratio = local_lr(
-                _norm(w),
-                _norm(g),
-                _norm(decayed),
+                trees.norm(w),
+                trees.norm(g),
+                trees.norm(decayed),
                 trust_coefficient=trust_coefficient,
                 weight_decay=weight_decay,
                 eps=eps,
@@ -353,16 +331,16 @@ def trust_ratios(
       {"path/to/param": {"trust_ratio": ..., "param_norm": ..., "grad_norm": ...}}
       as Python floats, computed for every tensor (exclusions are not applied).
     """
-    flat_params = flatten_with_paths(params)
-    flat_grads = flatten_with_paths(grads)
+    flat_params = trees.flatten_with_paths(params)
+    flat_grads = trees.flatten_with_paths(grads)
     out = {}
     for path, w in flat_params.items():
         g = flat_grads[path]
-        w_norm, g_norm = _norm(jnp.asarray(w)), _norm(jnp.asarray(g))
+        w_norm, g_norm = trees.norm(jnp.asarray(w)), trees.norm(jnp.asarray(g))
         ratio = local_lr(
             w_norm,
             g_norm,
-            _norm(jnp.asarray(g) + weight_decay * jnp.asarray(w)),
+            trees.norm(jnp.asarray(g) + weight_decay * jnp.asarray(w)),
             trust_coefficient=trust_coefficient,
             weight_decay=weight_decay,
             eps=eps,

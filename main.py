@@ -228,8 +228,11 @@ def train_in(jax, config, workdir: str) -> int:
     """Checks, prepares and trains; returns the exit code."""
     import checkpoints
     import cluster
+    import compile_step
     import input_pipeline
     import models
+    import run_files
+    import run_setup
     import train
 
     logging.info(
@@ -242,8 +245,8 @@ def train_in(jax, config, workdir: str) -> int:
         jax.devices()[0].device_kind,
     )
     try:
-        changed = train.check_resume(config, workdir)
-        setup = train.prepare(config)
+        changed = run_files.check_resume(config, workdir)
+        setup = run_setup.prepare(config)
     except ValueError as e:
         return fail(str(e), EXIT_CONFIG)
     if changed:
@@ -256,9 +259,9 @@ def train_in(jax, config, workdir: str) -> int:
         summary["gflops_per_image"],
         3 * summary["gflops_per_image"],
     )
-    log_kernels(config, train.conv_impl(config))
+    log_kernels(config, run_setup.conv_impl(config))
     try:
-        setup = train.fit_train_step(setup)  # compiled; a step that does not fit in memory stops here
+        setup = compile_step.fit_train_step(setup)  # compiled; a step that does not fit in memory stops here
     except ValueError as e:
         return fail(str(e), EXIT_CONFIG)
     try:

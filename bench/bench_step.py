@@ -6,7 +6,7 @@ against PyTorch CPU eager (float32 and bfloat16 autocast) on the same networks.
     python -m bench.bench_step --quick    # 1 batch size per model, 3 timed steps
     python -m bench.bench_step --quick --max_isa AVX2   # as an AVX2-only CPU runs it
 
-Ours is the training loop's own step (train.prepare_model + train.jit_train_step
+Ours is the training loop's own step (run_setup.prepare_model + compile_step.jit_train_step
 from the model's configs/ file: forward, backward, LARS, metrics, non-finite
 guard) with conv_impl "onednn" in float32 and bfloat16 (where oneDNN has
 bfloat16 convolutions on this CPU: AVX512-BF16 or AMX) and "xla" (XLA:CPU's
@@ -111,13 +111,14 @@ def time_ours(cell: Cell) -> float:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    import train
+    import compile_step
+    import run_setup
 
     spec = model(cell.model)
     config = importlib.import_module(f"configs.{spec.config}").get_config()
     config.update(batch_size=cell.batch, eval_batch_size=cell.batch, conv_impl=cell.conv_impl, dtype=cell.dtype)
-    setup = train.prepare_model(config, spec.classes, num_train=1_281_167)
-    state, step = train.init_state(setup), train.jit_train_step(setup)
+    setup = run_setup.prepare_model(config, spec.classes, num_train=1_281_167)
+    state, step = run_setup.init_state(setup), compile_step.jit_train_step(setup)
     sharding = NamedSharding(setup.mesh, P("data"))
     rng = np.random.default_rng(0)
     batch = {
@@ -210,7 +211,7 @@ def main():
         return
 
     import models
-    import train
+    import run_setup
 
     steps = args.steps or (3 if args.quick else 5)
     peak = matmul_peak()
@@ -228,7 +229,7 @@ def main():
     for spec in (m for m in MODELS if m.name in args.models.split(",")):
         config = __import__(f"configs.{spec.config}", fromlist=["x"]).get_config()
         config.conv_impl = "lax"
-        flops = models.flops_per_image(train.create_model(config, spec.classes, None), (1, spec.size, spec.size, 3))
+        flops = models.flops_per_image(run_setup.create_model(config, spec.classes, None), (1, spec.size, spec.size, 3))
         for batch in (spec.quick_batch,) if args.quick else spec.batches:
 
             def rate(batch=batch, spec=spec, **kw) -> float:

@@ -60,10 +60,9 @@ inline int ProcessCores() {
 // Holds `threads` of the process's cores while one call runs, and sets the
 // calling thread's OpenMP team to that size. XLA runs independent thunks at
 // once (a layer's backward-data and backward-weights calls, say); two calls
-// that each take every core run several times slower than one after the other
-// (measured with ONEDNN_VERBOSE on a 16-core AMX CPU: one bf16 backward-weights
-// call took 1.6 ms alone and 440 ms beside another). Calls on several XLA
-// devices, each given its share of the cores, still run side by side.
+// that each take every core run far slower side by side than one after the
+// other (bench/RESULTS.md). Calls on several XLA devices, each given its share
+// of the cores, still run side by side.
 class CoreLease {
  public:
   explicit CoreLease(int64_t threads) : held_(static_cast<int>(std::clamp<int64_t>(threads, 1, Cores().total))) {
@@ -100,9 +99,8 @@ class CoreLease {
 // built. oneDNN fixes a primitive's split of the work between threads when it
 // builds it; the handlers cache primitives per thread count and build each
 // under its own, so a result depends on the shape and the thread count only,
-// not on which call built the primitive first (a process that ran 1-device
-// calls before 4-device ones reused 2-thread primitives with 1 thread, and its
-// gradients differed in rounding from a fresh process's).
+// not on which call built the primitive first (otherwise a primitive built for
+// 2 threads and run with 1 would round differently from one built for 1).
 class BuildingFor {
  public:
   explicit BuildingFor(int64_t threads) : before_(omp_get_max_threads()) {

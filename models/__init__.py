@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import trees
 from models.alexnet import AlexNet, AlexNetBN, CifarAlexNetBN
 from models.layers import BatchNorm, count_params
 from models.resnet import ResNet, ResNet50, ResNet50V1, cifar_resnet
@@ -58,19 +59,16 @@ def image_size(name: str) -> int:
     return REGISTRY[name].image_size
 
 
+def init_variables(model: nn.Module, input_shape, seed: int = 0) -> dict:
+    """The model's initial variables ("params", and "batch_stats" with BatchNorm) from `seed`,
+    traced on zeros of `input_shape` in inference mode (dropout draws nothing)."""
+    rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(0)}
+    return model.init(rngs, jnp.zeros(input_shape, jnp.float32), train=False)
+
+
 def init_shapes(model: nn.Module, input_shape) -> Any:
     """The model's variables as ShapeDtypeStructs (nothing is allocated)."""
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(input_shape, jnp.float32), train=False))
-
-
-def _paths_in_insertion_order(tree, prefix=""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _paths_in_insertion_order(value, path + "/")
-        else:
-            yield path
+    return jax.eval_shape(lambda: init_variables(model, input_shape))
 
 
 def param_order(model: nn.Module, input_shape) -> list[str]:
@@ -82,10 +80,7 @@ def param_order(model: nn.Module, input_shape) -> list[str]:
     order = []
 
     def init():
-        variables = model.init(
-            {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros(input_shape), train=False
-        )
-        order.extend(_paths_in_insertion_order(variables["params"]))
+        order.extend(trees.paths_in_insertion_order(init_variables(model, input_shape)["params"]))
 
     jax.eval_shape(init)
     return order
@@ -145,6 +140,7 @@ __all__ = [
     "flops_per_image",
     "image_size",
     "init_shapes",
+    "init_variables",
     "param_order",
     "summary",
 ]

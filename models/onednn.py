@@ -26,23 +26,26 @@ call's workspace.
 examples, as models.layers.BatchNorm) with oneDNN's forward and backward
 primitives, where each group lies within one device's shard.
 
-The extension is built by `make build` (the README's set-up commands run it);
-`library()` raises NotBuilt with that command when it is missing.
+The extension is compiled when the project is installed (`pip install .`, or `make build` for
+the repository's .venv: CMakeLists.txt) into site-packages/models/; `library()` finds it through
+the installed distribution's file list, and raises NotBuilt with the command when it is missing.
 """
 
 import ctypes
 import functools
+import importlib.metadata
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-LIBRARY = REPO / "build" / "liblargebatch_onednn.so"
-BUILD_COMMAND = "make build"
+LIBRARY = "liblargebatch_onednn.so"
+ONEDNN_LIBRARY = "libdnnl.so.3"  # of the onednn-cpu-gomp wheel
+BUILD_COMMAND = "pip install ."  # `make build` runs it for the repository's .venv
 TARGETS = (
     "lb_conv_forward",
     "lb_conv_backward_data",
@@ -61,18 +64,36 @@ class NotBuilt(RuntimeError):
     """The C++ extension is missing (or does not load)."""
 
 
+def installed_file(distribution: str, name: str) -> pathlib.Path | None:
+    """Where an installed distribution put a file called `name` (its RECORD), or None."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((pathlib.Path(f.locate()) for f in files if f.name == name), None)
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """The extension, loaded once, its FFI targets registered with XLA's CPU backend."""
-    if not LIBRARY.exists():
-        raise NotBuilt(f"the oneDNN extension {LIBRARY} is not built; run `{BUILD_COMMAND}` (needs g++).")
+    path = installed_file("largebatch", LIBRARY)
+    if path is None or not path.exists():
+        raise NotBuilt(
+            f"the oneDNN extension is not installed in this Python environment ({sys.prefix}); run "
+            f"`{BUILD_COMMAND}` in the repository (`make build` for its .venv; needs a C++ compiler)."
+        )
     # Sleeping OpenMP threads between calls leave XLA's threads the cores (main.py sets it too;
     # libgomp reads it once, when it is first loaded).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        lib = ctypes.CDLL(str(LIBRARY))
+        onednn = installed_file("onednn-cpu-gomp", ONEDNN_LIBRARY)
+        if onednn is not None:  # the extension's libdnnl.so.3, wherever this environment keeps it
+            ctypes.CDLL(str(onednn), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise NotBuilt(f"the oneDNN extension does not load ({e}); rebuild it with `{BUILD_COMMAND}`.") from None
+        raise NotBuilt(
+            f"the oneDNN extension {path} does not load ({e}); reinstall it with `{BUILD_COMMAND}`."
+        ) from None
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     lib.lb_onednn_isa.restype = ctypes.c_char_p

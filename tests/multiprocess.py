@@ -9,7 +9,8 @@ import sys
 import jax
 import numpy as np
 
-import train
+import run_files
+import run_setup
 from configs import cifar10_lars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,13 +53,14 @@ def run_launcher(num_processes, devices, values, workdir):
 
 
 def records(workdir, kind):
-    lines = (pathlib.Path(workdir) / train.METRICS_FILE).read_text().splitlines()
+    lines = (pathlib.Path(workdir) / run_files.METRICS_FILE).read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def final_params(values, workdir):
     return [
-        np.asarray(x) for x in jax.tree.leaves(jax.device_get(train.restore_state(_config(values), workdir)[1].params))
+        np.asarray(x)
+        for x in jax.tree.leaves(jax.device_get(run_files.restore_state(_config(values), workdir)[1].params))
     ]
 
 
@@ -79,7 +81,7 @@ def assert_same_training(values, got_dir, want_dir):
     assert len(got) == len(want)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.max(np.abs(np.diff(want))))
-    initial = jax.tree.leaves(train.init_state(train.prepare(_config(values))).params)
+    initial = jax.tree.leaves(run_setup.init_state(run_setup.prepare(_config(values))).params)
     for a, b, start in zip(final_params(values, got_dir), final_params(values, want_dir), initial):
         moved = np.max(np.abs(b - np.asarray(start)))
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * moved + 1e-7)

@@ -28,7 +28,7 @@ def test_every_numeric_key_of_the_default_config_has_a_range():
     config = default.get_config()
     numeric = {key for key, value in config.items() if type(value) in (int, float) or key == "lr_decay_epochs"}
     # Any seed; num_epochs is checked with num_train_steps; microbatch_size ("auto" or a number)
-    # against the per-device batch (train.check_batch_arithmetic).
+    # against the per-device batch (run_setup.check_batch_arithmetic).
     numeric -= {"seed", "validation_seed", "num_epochs", "microbatch_size"}
     assert numeric == set(config_checks.RANGES) == set(EDGES)
 

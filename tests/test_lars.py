@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import lars
+import trees
 
 STEPS = 20
 SHAPES = {
@@ -162,7 +163,7 @@ def test_state_trust_ratios_equal_pure_function():
     for formula in lars.FORMULAS:
         optimizer = lars.lars(0.1, weight_decay=5e-4, formula=formula)
         _, state = optimizer.update(grads, optimizer.init(params), params)
-        kept = lars.flatten_with_paths(lars.get_trust_ratios(state))
+        kept = trees.flatten_with_paths(lars.get_trust_ratios(state))
         pure = lars.trust_ratios(params, grads, weight_decay=5e-4, formula=formula)
         report = lars.mask_report(params)
         for path, ratio in kept.items():
@@ -170,7 +171,7 @@ def test_state_trust_ratios_equal_pure_function():
                 np.testing.assert_allclose(float(ratio), pure[path]["trust_ratio"], rtol=1e-6)
                 np.testing.assert_allclose(
                     pure[path]["param_norm"],
-                    np.linalg.norm(np.asarray(lars.flatten_with_paths(params)[path])),
+                    np.linalg.norm(np.asarray(trees.flatten_with_paths(params)[path])),
                     rtol=1e-6,
                 )
             else:

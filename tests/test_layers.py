@@ -72,6 +72,7 @@ def random_case(shape, kernel, seed=0):
     return x, w
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape,kernel,stride,padding", CASES)
 def test_float32_values_and_gradients_within_rounding_of_float64(impl, shape, kernel, stride, padding):
@@ -90,6 +91,7 @@ def test_float32_values_and_gradients_within_rounding_of_float64(impl, shape, ke
         assert np.all(error <= bound), f"{name}: worst error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("shape,kernel,stride,padding", CASES[2:8])
 def test_onednn_bfloat16_within_rounding_of_float64(shape, kernel, stride, padding):
     if not onednn.bfloat16_supported():
@@ -148,6 +150,7 @@ def dense_vjp(x, w, dy, impl):
     return y, dx, dparams["params"]["kernel"], dparams["params"]["bias"]
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch,inputs,outputs", DENSE_CASES)
 def test_dense_float32_values_and_gradients_within_rounding_of_float64(impl, batch, inputs, outputs):
@@ -165,6 +168,7 @@ def test_dense_float32_values_and_gradients_within_rounding_of_float64(impl, bat
     assert np.all(np.abs(np.asarray(db, np.float64) - dy64.sum(0)) <= gamma(batch) * np.abs(dy64).sum(0))
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("batch,inputs,outputs", DENSE_CASES[:3])
 def test_onednn_dense_bfloat16_within_rounding_of_float64(batch, inputs, outputs):
     x, w, dy = dense_case(batch, inputs, outputs)
@@ -231,6 +235,7 @@ def pool_case(shape, seed=0):
     return np.maximum(np.round(4 * rng.standard_normal(shape)) / 4, 0).astype(np.float32)
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape,window,stride,padding", POOL_CASES)
@@ -413,6 +418,7 @@ def float64_gradients(name, kwargs, variables, images, labels, u: float, seeds=(
     return loss, grads, moved
 
 
+@pytest.mark.optimized
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name,size,kwargs", NETWORKS)
@@ -432,6 +438,7 @@ def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, 
     assert_leaves_within(got, want, moved, times=32, of_largest=2**8 * U32)
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("name,size,kwargs", NETWORKS)
 def test_network_bfloat16_within_rounding_of_float64(name, size, kwargs):
     """config.dtype="bfloat16" on oneDNN (bfloat16 activations, float32 parameters, BatchNorm
@@ -505,6 +512,7 @@ def batch_norm64(x, scale, bias, group, epsilon=1e-5):
     return y, mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1])
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("devices", [1, 4])
 @pytest.mark.parametrize("group", [None, 4, 2])

@@ -1,7 +1,7 @@
 """Micro-batches: the compiled step's memory and size do not grow with the number of micro-steps,
 and microbatch_size="auto" takes the largest micro-batch whose step fits.
 
-Memory is XLA's analysis of the compiled step (what `train.fit_train_step` checks before a run),
+Memory is XLA's analysis of the compiled step (what `compile_step.fit_train_step` checks before a run),
 not a process's resident size, so the figures do not depend on the machine's load."""
 
 import os
@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+import compile_step
 import microbatch
-import train
+import run_setup
 from configs import demo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,14 +28,14 @@ def demo_setup(batch_size: int, micro, loop: str = "auto"):
     """The demo's model and optimizer on 32x32 one-channel images (activations outweigh the parameters)."""
     config = demo.get_config()
     config.update(batch_size=batch_size, microbatch_size=micro, microbatch_loop=loop, image_size=SIZE)
-    return train.prepare_model(config, 10, num_train=1797, channels=1)
+    return run_setup.prepare_model(config, 10, num_train=1797, channels=1)
 
 
-def compiled_step(batch_size: int, micro, loop: str = "auto", available: int = ENOUGH) -> train.Setup:
-    return train.fit_train_step(demo_setup(batch_size, micro, loop), available)
+def compiled_step(batch_size: int, micro, loop: str = "auto", available: int = ENOUGH) -> run_setup.Setup:
+    return compile_step.fit_train_step(demo_setup(batch_size, micro, loop), available)
 
 
-def temporaries(setup: train.Setup) -> int:
+def temporaries(setup: run_setup.Setup) -> int:
     return setup.train_step.memory_analysis().temp_size_in_bytes
 
 
@@ -131,11 +132,11 @@ def test_evaluation_takes_micro_batch_sized_batches():
     global batch (synthetic data: the pipeline's batches are the evaluated ones)."""
     config = demo.get_config()
     config.update(dataset="synthetic", batch_size=DEVICES * 64, microbatch_size=16, eval_batch_size=0, num_classes=10)
-    setup = train.fit_train_step(train.prepare(config), ENOUGH)
+    setup = compile_step.fit_train_step(run_setup.prepare(config), ENOUGH)
     assert setup.num_micro == 4 and not setup.fed
     assert next(setup.data.eval_batches())["image"].shape[0] == DEVICES * 16
     config.microbatch_loop = "host"
-    fed = train.fit_train_step(train.prepare(config), ENOUGH)
+    fed = compile_step.fit_train_step(run_setup.prepare(config), ENOUGH)
     assert fed.fed and next(fed.data.eval_batches())["image"].shape[0] == DEVICES * 16
 
 

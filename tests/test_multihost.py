@@ -12,7 +12,7 @@ import time
 import pytest
 from multiprocess import REPO, assert_same_training, env, main_args, overrides, records, run, run_launcher
 
-import train
+import run_files
 from tools import launch
 
 pytestmark = pytest.mark.slow  # minutes of subprocesses; `pytest -m "not slow"` skips them
@@ -108,7 +108,7 @@ def test_launcher_stops_everyone_when_one_process_fails(cifar10_small, tmp_path)
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
-    while not (tmp_path / "run" / train.METRICS_FILE).exists():
+    while not (tmp_path / "run" / run_files.METRICS_FILE).exists():
         assert time.time() < deadline and launcher.poll() is None
         time.sleep(0.05)
     children = [int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(launcher.pid)], text=True).split()]

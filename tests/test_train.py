@@ -12,6 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+import compile_step
+import run_files
+import run_setup
 import train
 from configs import cifar10_lars, demo
 
@@ -48,7 +51,7 @@ def run_main(args, workdir, *, devices=None, wait=True, env=None, cwd=REPO):
 
 
 def metrics(workdir, kind="train"):
-    path = pathlib.Path(workdir) / train.METRICS_FILE
+    path = pathlib.Path(workdir) / run_files.METRICS_FILE
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
 
 
@@ -91,7 +94,7 @@ def test_end_to_end_on_cifar10_jpegs(onednn_jpeg_run):
     assert [t["step"] for t in trains] == [25, 50, 75, 100, 125, 150]
     assert trains[-1]["loss"] < trains[0]["loss"]
     assert all(t["images_per_sec"] > 0 and t["eta_sec"] >= 0 for t in trains)
-    trust = [json.loads(line) for line in (run / train.TRUST_RATIOS_FILE).read_text().splitlines()]
+    trust = [json.loads(line) for line in (run / run_files.TRUST_RATIOS_FILE).read_text().splitlines()]
     # Every 50 steps, the last, and the step after each checkpoint (75), for the notebook's live check.
     assert [t["step"] for t in trust] == [50, 76, 100, 150]
     layers = trust[-1]["layers"]
@@ -148,8 +151,8 @@ def test_one_device_equals_four_devices_with_global_batch_norm(cifar10_small, tm
         metrics(tmp_path / "d1", "eval")[0]["eval_top1"], metrics(tmp_path / "d4", "eval")[0]["eval_top1"], atol=2e-3
     )
     config = cifar_config(cifar10_small, **overrides)
-    one_params, four_params = [leaves(train.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
-    initial = leaves(train.init_state(train.prepare(config)))
+    one_params, four_params = [leaves(run_files.restore_state(config, tmp_path / f"d{d}")[1]) for d in (1, 4)]
+    initial = leaves(run_setup.init_state(run_setup.prepare(config)))
     for a, b, start in zip(one_params, four_params, initial):
         # Same arithmetic summed in another order: float32 rounding, amplified by
         # 5 steps. Measured, as the worst tensor's difference over the distance it
@@ -219,12 +222,12 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
         assert [r["step"] for r in metrics(tmp_path / "killed", kind)] == [
             r["step"] for r in metrics(tmp_path / "straight", kind)
         ]
-    trust = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / train.TRUST_RATIOS_FILE).open()]  # noqa: E731
+    trust = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / run_files.TRUST_RATIOS_FILE).open()]  # noqa: E731
     assert trust("killed") == trust("straight")
 
     config = cifar_config(cifar10_small, **overrides)
-    straight = leaves(train.restore_state(config, tmp_path / "straight")[1])
-    resumed = leaves(train.restore_state(config, tmp_path / "killed")[1])
+    straight = leaves(run_files.restore_state(config, tmp_path / "straight")[1])
+    resumed = leaves(run_files.restore_state(config, tmp_path / "killed")[1])
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(a, b)
 
@@ -234,7 +237,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(cifar10_small, tmp_path):
     overrides = dict(data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=100_000,
                      checkpoint_every_steps=100_000, eval_every_steps=100_000, log_every_steps=1)  # fmt: skip
     process = run_main(flags("configs/cifar10_lars.py", overrides), tmp_path / "run", wait=False)
-    _wait_for(lambda: (tmp_path / "run" / train.METRICS_FILE).exists(), process)
+    _wait_for(lambda: (tmp_path / "run" / run_files.METRICS_FILE).exists(), process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
@@ -313,8 +316,8 @@ def test_a_non_finite_step_returns_the_state_it_was_given():
 
     config = demo.get_config()
     config.batch_size, config.warmup_epochs = 8, 0.0  # a learning rate above 0 from the first step
-    setup = train.prepare_model(config, 10, num_train=64, channels=1)
-    step, state = train.jit_train_step(setup), train.init_state(setup)
+    setup = run_setup.prepare_model(config, 10, num_train=64, channels=1)
+    step, state = compile_step.jit_train_step(setup), run_setup.init_state(setup)
     before = jax.device_get(state)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((8, 8, 8, 1)).astype(np.float32)
@@ -351,7 +354,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(cifar10_sm
     step = int(e.value.args[0].split("at step ")[1].split(" ")[0])
     # Checked lazily, but before every checkpoint: the last one is the step before.
     assert f"the last checkpoint is step {step - 1}." in str(e.value)
-    _, state = train.restore_state(config, tmp_path / "run")
+    _, state = run_files.restore_state(config, tmp_path / "run")
     assert int(state.step) == step - 1
     assert all(np.isfinite(x).all() for x in leaves(state))
 
@@ -384,7 +387,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
     code, output = run_main(args, workdir)
     assert code == 0, output[-3000:]
     config = cifar_config(cifar10_small, **overrides)
-    intact = leaves(train.restore_state(config, workdir, 4)[1])
+    intact = leaves(run_files.restore_state(config, workdir, 4)[1])
     subprocess.run(["cp", "-r", str(workdir), str(tmp_path / "copy")], check=True)
     _damage(workdir / "checkpoints" / "4")
 
@@ -395,7 +398,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
     assert "Resuming from the checkpoint of step 2." in output
     assert (workdir / "damaged_checkpoints" / "4").is_dir()  # set aside, not deleted
     # Steps 3 and 4 again from the intact step 2: the same state as the first time, bit for bit.
-    for a, b in zip(leaves(train.restore_state(config, workdir, 4)[1]), intact):
+    for a, b in zip(leaves(run_files.restore_state(config, workdir, 4)[1]), intact):
         np.testing.assert_array_equal(a, b)
     assert [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4]
 

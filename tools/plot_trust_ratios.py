@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"  # train.METRICS_FILE; read here without importing JAX
-TRUST_RATIOS_FILE = "trust_ratios.jsonl"  # train.TRUST_RATIOS_FILE
+METRICS_FILE = "metrics.jsonl"  # run_files.METRICS_FILE; read here without importing JAX
+TRUST_RATIOS_FILE = "trust_ratios.jsonl"  # run_files.TRUST_RATIOS_FILE
 FIGSIZE, DPI = (10, 6), 100  # every figure is 1000 x 600 pixels
 
 
