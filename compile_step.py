@@ -127,7 +127,7 @@ def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.S
     )
     micro_fn = jax.jit(on_mesh(micro_fn, setup.mesh), donate_argnums=1)
     micro_fn = micro_fn.lower(state, carry, batch, key, jax.ShapeDtypeStruct([], jnp.int32)).compile()
-    finish = jax.jit(on_mesh(finish, setup.mesh), donate_argnums=(0, 1)).lower(state, carry).compile()
+    finish = jax.jit(on_mesh(finish, setup.mesh), donate_argnums=0).lower(state, carry).compile()
     memory = max(
         (microbatch.StepMemory.of(c, local_devices, batch_bytes, fed=True) for c in (micro_fn, finish)),
         key=lambda m: m.total,

@@ -490,6 +490,7 @@ def train_dataset(
     start_step: int = 0,
     shuffle_buffer: int = 50_000,
     cache: bool = False,
+    prefetch: int = tf.data.AUTOTUNE,
 ) -> tf.data.Dataset:
     """The infinite training stream of one data shard, from batch `start_step` on.
 
@@ -507,6 +508,7 @@ def train_dataset(
       start_step: the first batch to produce.
       shuffle_buffer: shuffle buffer (the whole share when it is smaller).
       cache: keep the encoded share in memory after the first epoch.
+      prefetch: batches prepared ahead (tf.data's AUTOTUNE by default).
 
     Returns:
       A tf.data.Dataset of {"image": [local_batch, s, s, c] float32, "label": int32}.
@@ -531,7 +533,7 @@ def train_dataset(
         return {"image": preprocess.train(encoded, example_seed), "label": label}
 
     stream = stream.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return stream.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return stream.batch(local_batch, drop_remainder=True).prefetch(prefetch)
 
 
 def eval_dataset(records: tf.data.Dataset, preprocess: Preprocess, local_batch: int) -> tf.data.Dataset:
@@ -684,6 +686,8 @@ class Data:
                 shard_index=shard.index,
                 start_step=start_step * micro_steps,
                 cache=self.cache,
+                # Micro-batches fed from the host are those of a batch larger than memory: one ahead.
+                prefetch=1 if micro_steps > 1 else tf.data.AUTOTUNE,
             )
             for shard in self.train_shards
         ]

@@ -29,6 +29,13 @@ from jax.sharding import PartitionSpec as P
 LOOPS = ("auto", "scan", "unroll", "host")
 AUTO = "auto"
 FED = "host"  # micro-batches fed one at a time from the host
+# Batches the input pipeline holds in host memory beside the step's own: the next one, ready,
+# and one it assembles (Data prefetches one batch when fed from the host; SyntheticData cycles two).
+INPUT_BATCHES = 2
+# Buffers of XLA's temporaries the process may hold at once: XLA:CPU can allocate the next
+# execution's before it has freed the last one's (a fed AlexNet-BN micro-step of 2,048 took a
+# second 8 GiB buffer in main.py, bench/RESULTS.md).
+TEMPORARY_BUFFERS = 2
 
 
 def loop_kind(requested: str, impl: str, backend: str) -> str:
@@ -88,19 +95,24 @@ def candidates(per_device: int, ghost: int | None) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """What a training step holds at once on this process, in bytes: XLA's memory analysis of
-    the compiled step, summed over this process's devices, and the next batch, which the input
-    pipeline prepares in host memory while the step runs."""
+    the compiled step, summed over this process's devices, and the batches the input pipeline
+    holds in host memory while the step runs (`INPUT_BATCHES`)."""
 
     temporaries: int
     arguments: int  # the train state and the batch (fed: and the gradient sum)
     outputs: int
     aliased: int  # outputs written into donated arguments (the new train state)
-    next_batch: int  # also the bytes of the batch among the arguments
+    batch: int  # the bytes of one batch (fed: one micro-batch), also among the arguments
     fed: bool = False  # the batch is a micro-batch fed from the host
 
     @property
+    def input(self) -> int:
+        return INPUT_BATCHES * self.batch
+
+    @property
     def total(self) -> int:
-        return self.temporaries + self.arguments + self.outputs - self.aliased + self.next_batch
+        held = TEMPORARY_BUFFERS * self.temporaries
+        return held + self.arguments + self.outputs - self.aliased + self.input
 
     @classmethod
     def of(cls, compiled, local_devices: int, batch_bytes: int, fed: bool = False) -> "StepMemory":
@@ -112,20 +124,21 @@ class StepMemory:
             arguments=analysis.argument_size_in_bytes * local_devices,
             outputs=analysis.output_size_in_bytes * local_devices,
             aliased=analysis.alias_size_in_bytes * local_devices,
-            next_batch=batch_bytes,
+            batch=batch_bytes,
             fed=fed,
         )
 
     def estimate(self, fraction: float) -> float:
         """The total with a micro-batch `fraction` times this one's: XLA's temporaries scale with
-        it, and so do the fed batch and the next one (a compiled step holds the whole batch)."""
-        scaling = self.temporaries + (2 * self.next_batch if self.fed else 0)
+        it, and so do the fed batch and the pipeline's (a compiled step holds the whole batch)."""
+        scaling = TEMPORARY_BUFFERS * self.temporaries + (self.batch + self.input if self.fed else 0)
         return self.total - scaling * (1 - fraction)
 
     def describe(self) -> str:
         return (
-            f"{gb(self.total)} (temporaries {gb(self.temporaries)}, train state and batch {gb(self.arguments)}, "
-            f"next batch {gb(self.next_batch)})"
+            f"{gb(self.total)} (temporaries {TEMPORARY_BUFFERS} x {gb(self.temporaries)}, "
+            f"train state and batch {gb(self.arguments)}, "
+            f"input pipeline {gb(self.input)})"
         )
 
 

@@ -155,7 +155,7 @@ class FedStep:
     those of the compiled step's micro-steps; only the batch is never whole in memory.
 
     Attributes are compiled programs: start(state) -> carry; micro(state, carry, micro_batch,
-    key, index) -> carry (donates the carry); finish(state, carry) -> (state, metrics) (donates both).
+    key, index) -> carry (donates the carry); finish(state, carry) -> (state, metrics) (donates the state).
     """
 
     start: Any
@@ -167,6 +167,10 @@ class FedStep:
         carry = self.start(state)
         for index in range(self.num_micro):
             carry = self.micro(state, carry, next(micro_batches), key, np.int32(index))
+            # JAX dispatches asynchronously: without a wait the loop would copy every micro-batch
+            # of the step to the device at once. One micro-step at a time, the next micro-batch
+            # read while it runs (the pipeline prefetches it).
+            jax.block_until_ready(carry)
         return self.finish(state, carry)
 
 

@@ -183,12 +183,17 @@ def train_and_evaluate(
     batches = (input_pipeline.to_global(b, sharding) for b in setup.data.train_batches(start, micro_steps))
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
+    previous_loss = None
     with _Stop() as stop, checkpoints.storage_errors(manager, workdir, "the run's logs"):
         for step in range(start, steps.total):
             if setup.fed:
                 state, metrics = train_step(state, batches, dropout_key)
             else:
                 state, metrics = train_step(state, next(batches), dropout_key)
+            # At most this step and the one before in flight: JAX dispatches asynchronously, and a
+            # loop that ran ahead would hold a batch per queued step (StepMemory counts two).
+            jax.block_until_ready(previous_loss)
+            previous_loss = metrics["loss"]
             finite.add(step, metrics)
             done = step + 1
             last = done == steps.total
