@@ -3,7 +3,8 @@ without leaving a partial one behind when the storage refuses (a full disk, read
 
 Orbax writes each checkpoint under a temporary name and renames it when complete; TensorStore
 checks what it reads (a damaged file fails to decompress or to match its metadata), so a
-checkpoint that restores is the one that was written.
+checkpoint that restores is the one that was written. A run's manager removes the partial
+checkpoint a killed run left; a reader's manager (notebooks, tools) only reads.
 """
 
 import contextlib
@@ -12,6 +13,7 @@ import glob
 import os
 import re
 import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,15 +21,30 @@ from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed to restore, set aside
+# A failed save's partial checkpoint counts as removed once it has stayed gone this long.
+PARTIAL_GONE_S = 1.0
+PARTIAL_REMOVAL_LIMIT_S = 60.0
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint restores, or the storage refused one: main.py prints it as one `error:` line."""
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    """The orbax manager of WORKDIR/checkpoints, keeping the newest `keep` (written synchronously)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+def manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
+    """The orbax manager of WORKDIR/checkpoints.
+
+    Args:
+      workdir: the run's directory.
+      keep: for the run that writes: keep the newest `keep` checkpoints (written synchronously)
+        and remove partial ones left by a run that was killed while writing. None: read only,
+        so that a notebook never touches the checkpoint a running training is writing.
+    """
+    if keep is None:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        )
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
@@ -104,15 +121,31 @@ def save(manager: ocp.CheckpointManager, state, workdir: str):
         if reason is None:
             raise
         checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-        manager.close()  # lets orbax's writer threads end before the partial checkpoint goes
+        manager.close()
         if jax.process_index() == 0:
-            for partial in glob.glob(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(partial, ignore_errors=True)
+            _remove_partial(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*"))
         manager.reload()
         raise CheckpointError(
             f"{reason} while writing checkpoint {step} to {checkpoints}; {last_checkpoint(manager.latest_step())}. "
             "Make room and run the same command to resume."
         ) from None
+
+
+def _remove_partial(pattern: str):
+    """Removes the folders matching `pattern` until they stay gone for PARTIAL_GONE_S.
+
+    When one write of a save fails, the writes TensorStore had already issued finish in its own
+    threads after the save raised, and its file driver recreates their folders.
+    """
+    deadline = time.monotonic() + PARTIAL_REMOVAL_LIMIT_S
+    gone_since = time.monotonic()
+    while time.monotonic() - gone_since < PARTIAL_GONE_S and time.monotonic() < deadline:
+        partial = glob.glob(pattern)
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        if partial:
+            gone_since = time.monotonic()
+        time.sleep(0.05)
 
 
 def storage_error(error: BaseException, workdir: str) -> str | None:

@@ -165,7 +165,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 def restore_state(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> tuple[Setup, TrainState]:
     """The setup of a config and a checkpoint in workdir (the latest by default), for notebooks and tools."""
     setup = run_setup.prepare(config)
-    manager = checkpoints.manager(workdir, config.keep_checkpoints)
+    manager = checkpoints.manager(workdir)
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
         folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)

@@ -214,8 +214,13 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
     process.wait(timeout=60)
     saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert saved and saved[-1] < 16, saved  # killed mid-run
+    # What a kill while writing the checkpoint of step 13 (a signal's) leaves: orbax's temporary name.
+    partial = checkpoints / "13.orbax-checkpoint-tmp" / "default.orbax-checkpoint-tmp"
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "_METADATA").write_text("{")
     code, output = run_main(args, tmp_path / "killed")
     assert code == 0, output[-3000:]
+    assert not list(checkpoints.glob("*tmp*"))  # the resumed run removed the partial checkpoint
     assert f"Resuming from the checkpoint of step {saved[-1]}" in output
     # The logs hold each step once: what the killed run wrote past its checkpoint was dropped on resume.
     for kind in ("train", "eval"):
