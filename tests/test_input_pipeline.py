@@ -1,4 +1,4 @@
-"""input_pipeline.py on the shared CIFAR-10 JPEGs, a real TFDS imagenet2012 build and the demo set."""
+"""input_pipeline on the shared CIFAR-10 JPEGs, a real TFDS imagenet2012 build and the demo set."""
 
 import hashlib
 import itertools
@@ -13,6 +13,7 @@ from PIL import Image
 
 import input_pipeline as ip
 from configs import cifar10_lars, cifar10_sgd
+from input_pipeline import sources
 from tools import make_imagenet_archive
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -42,8 +43,8 @@ def demo_dir(tmp_path_factory):
 
 
 def test_image_folder_label_of_a_known_file(cifar10_dir):
-    builder = ip.get_builder("image_folder", str(cifar10_dir))
-    records, count, _ = ip.split_share(builder, "train", 0, 1)
+    builder = sources.get_builder("image_folder", str(cifar10_dir))
+    records, count, _ = sources.split_share(builder, "train", 0, 1)
     assert count == 50_000
     assert builder.info.features["label"].names == CLASSES
     wanted = {f"train/{c}/0007.jpg": CLASSES.index(c) for c in ("cat", "truck", "airplane")}
@@ -62,10 +63,10 @@ def test_image_folder_label_of_a_known_file(cifar10_dir):
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
 def test_process_shares_cover_the_split_without_duplicates(cifar10_dir, process_count):
-    builder = ip.get_builder("image_folder", str(cifar10_dir))
+    builder = sources.get_builder("image_folder", str(cifar10_dir))
     shares = []
     for p in range(process_count):
-        records, count, largest = ip.split_share(builder, "test", p, process_count)
+        records, count, largest = sources.split_share(builder, "test", p, process_count)
         names = file_names(records, "image/filename")
         assert len(names) == count <= largest == -(-10_000 // process_count)
         shares.append(names)
@@ -184,9 +185,9 @@ def test_corrupt_image_is_named(tmp_path, cifar10_dir):
 
 def test_unknown_dataset_and_missing_imagenet(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; choose from \('imagenet2012', 'cifar10'"):
-        ip.get_builder("imagenet", str(tmp_path))
+        sources.get_builder("imagenet", str(tmp_path))
     with pytest.raises(ValueError) as error:
-        ip.get_builder("imagenet2012", str(tmp_path))
+        sources.get_builder("imagenet2012", str(tmp_path))
     message = str(error.value)
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
     assert f"tfds build imagenet2012 --data_dir={tmp_path} --manual_dir={tmp_path}/downloads/manual" in message
@@ -231,7 +232,7 @@ def test_real_imagenet2012_builder_on_a_small_archive(cifar10_dir, tmp_path):
     offset = (32 - side + 1) // 2
     crop = source[offset : offset + side, offset : offset + side]
     reference = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((224, 224), Image.BICUBIC), np.float32)
-    reference = (reference - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
+    reference = (reference - np.array(sources.IMAGENET_MEAN)) / np.array(sources.IMAGENET_STD)
     assert np.corrcoef(image.ravel(), reference.ravel())[0, 1] > 0.97
 
 
@@ -245,11 +246,11 @@ def test_cifar_configs_normalise_with_cifar_statistics(cifar10_dir, tmp_path):
     std = np.sqrt(total_sq / pixels - mean**2)
     # The constants are those of the original binaries; JPEG re-encoding moves the
     # mean by < 1e-4 and smooths the std by ~2e-3 (of the 0-1 range). ImageNet's differ by 0.03-0.05.
-    np.testing.assert_allclose(np.array(ip.CIFAR_MEAN) / 255, mean / 255, atol=1e-3)
-    np.testing.assert_allclose(np.array(ip.CIFAR_STD) / 255, std / 255, atol=4e-3)
+    np.testing.assert_allclose(np.array(sources.CIFAR_MEAN) / 255, mean / 255, atol=1e-3)
+    np.testing.assert_allclose(np.array(sources.CIFAR_STD) / 255, std / 255, atol=4e-3)
     for module in (cifar10_lars, cifar10_sgd):
         config = module.get_config()
-        assert ip.normalization(config.normalization, config.dataset) == (ip.CIFAR_MEAN, ip.CIFAR_STD)
+        assert sources.normalization(config.normalization, config.dataset) == (sources.CIFAR_MEAN, sources.CIFAR_STD)
     # The pipeline applies them: a one-image folder's eval image is (pixels - mean) / std.
     source = cifar10_dir / "test" / "cat" / "0007.jpg"
     for split in ("train", "test"):
@@ -262,7 +263,7 @@ def test_cifar_configs_normalise_with_cifar_statistics(cifar10_dir, tmp_path):
     # TensorFlow's fast integer IDCT and PIL's accurate one differ by up to 4 levels per
     # pixel (0.84 on average here); ImageNet's statistics would put the blue channel off by
     # 6-35 levels (about 10 on average), red and green by up to 12.
-    undone = got * np.array(ip.CIFAR_STD) + np.array(ip.CIFAR_MEAN)
+    undone = got * np.array(sources.CIFAR_STD) + np.array(sources.CIFAR_MEAN)
     assert np.max(np.abs(undone - pixels)) <= 4 + 1e-3 and np.all(np.abs(np.mean(undone - pixels, (0, 1))) < 2)
 
 
@@ -270,10 +271,10 @@ def test_stratified_sample_takes_each_class_in_proportion():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
     # 7 x (0.5, 0.3, 0.2) = 3.5, 2.1, 1.4: floors 3, 2, 1 and the one left to the largest remainder.
     for count, quotas in ((10, [5, 3, 2]), (7, [4, 2, 1])):
-        chosen = ip.stratified_sample(labels, count, seed=0)
+        chosen = sources.stratified_sample(labels, count, seed=0)
         assert list(np.bincount(labels[chosen], minlength=3)) == quotas and len(set(chosen)) == count
-    assert list(ip.stratified_sample(labels, 7, seed=0)) == list(ip.stratified_sample(labels, 7, seed=0))
-    assert list(ip.stratified_sample(labels, 7, seed=0)) != list(ip.stratified_sample(labels, 7, seed=1))
+    assert list(sources.stratified_sample(labels, 7, seed=0)) == list(sources.stratified_sample(labels, 7, seed=0))
+    assert list(sources.stratified_sample(labels, 7, seed=0)) != list(sources.stratified_sample(labels, 7, seed=1))
 
 
 def test_cached_evaluations_read_the_images_once(cifar10_dir, tmp_path):
