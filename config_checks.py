@@ -30,6 +30,9 @@ RANGES = {
     "eval_every_steps": (lambda v: v >= 0, ">= 0"),
     "checkpoint_every_epochs": (lambda v: v >= 0 and math.isfinite(v), ">= 0 and finite (0: at the end only)"),
     "checkpoint_every_steps": (lambda v: v >= 0, ">= 0"),
+    "logs_per_run": (lambda v: v >= 0, ">= 0 (0: log_every_steps)"),
+    "trust_ratios_per_run": (lambda v: v >= 0, ">= 0 (0: trust_ratio_every_steps)"),
+    "evaluations_per_run": (lambda v: v >= 0, ">= 0 (0: eval_every_*)"),
     "keep_checkpoints": (lambda v: v >= 1, ">= 1"),
 }
 

@@ -54,14 +54,20 @@ def resolve_steps(config: ml_collections.ConfigDict, num_train_examples: int) ->
         config.num_train_steps if config.num_train_steps > 0 else max(int(math.ceil(config.num_epochs * per_epoch)), 1)
     )
     interval = lambda n: n if n > 0 else total  # noqa: E731
+
+    def per_run(name: str, period: int) -> int:
+        count = config.get(f"{name}_per_run", 0)
+        return max(total // count, 1) if count > 0 else period
+
+    log = per_run("logs", max(config.log_every_steps, 1))
     return Steps(
         per_epoch=per_epoch,
         total=total,
         warmup=min(steps("warmup"), total),
         decay_boundaries=tuple(int(round(e * per_epoch)) for e in config.lr_decay_epochs),
-        log=max(config.log_every_steps, 1),
-        trust_ratio=max(config.trust_ratio_every_steps or config.log_every_steps, 1),
-        eval=interval(steps("eval_every")),
+        log=log,
+        trust_ratio=per_run("trust_ratios", max(config.trust_ratio_every_steps or log, 1)),
+        eval=per_run("evaluations", interval(steps("eval_every"))),
         checkpoint=interval(steps("checkpoint_every")),
     )
 

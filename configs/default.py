@@ -1,8 +1,8 @@
 """The base config every run file derives from. Each run file changes only what differs.
 
 Durations: `num_epochs`, `warmup_epochs`, `*_every_epochs` are converted to
-steps in one place (train.resolve_steps); a `*_steps` key > 0 overrides its
-epoch twin.
+steps in one place (run_setup.resolve_steps); a `*_steps` key > 0 overrides its
+epoch twin, and a `*_per_run` key > 0 both.
 """
 
 import ml_collections
@@ -103,4 +103,10 @@ def get_config():
     config.checkpoint_every_epochs = 1.0
     config.checkpoint_every_steps = 0
     config.keep_checkpoints = 3
+    # > 0: that many training logs, trust-ratio records or evaluations per run, every
+    # total steps // N (in place of log_every_steps, trust_ratio_every_steps, eval_every_*):
+    # runs of different lengths logged at the same grain.
+    config.logs_per_run = 0
+    config.trust_ratios_per_run = 0
+    config.evaluations_per_run = 0
     return config

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 import config_checks
+import run_setup
 from configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ EDGES = {
     "lars_eps": (math.nan, 0.0), "label_smoothing": (1.0, 0.0), "log_every_steps": (0, 1),
     "trust_ratio_every_steps": (-1, 0), "eval_every_epochs": (math.nan, 0.0), "eval_every_steps": (-1, 0),
     "checkpoint_every_epochs": (-1.0, 0.0), "checkpoint_every_steps": (-1, 0), "keep_checkpoints": (0, 1),
+    "logs_per_run": (-1, 0), "trust_ratios_per_run": (-1, 0), "evaluations_per_run": (-1, 0),
 }  # fmt: skip
 
 
@@ -65,3 +67,21 @@ def test_every_shipped_config_is_within_range():
         module = importlib.import_module(f"configs.{path.stem}")
         if hasattr(module, "get_config"):
             config_checks.check_ranges(module.get_config())
+
+
+def test_durations_in_steps_from_epochs_steps_and_counts_per_run():
+    """run_setup.resolve_steps by hand: ImageNet's 1,281,167 images at batch 32,768 are 39 steps an
+    epoch, 3,900 in 100 epochs."""
+    config = default.get_config()  # 100 epochs, warmup 10, evaluations and checkpoints every epoch, logs every 50
+    steps = run_setup.resolve_steps(config, 1_281_167)
+    assert (steps.per_epoch, steps.total, steps.warmup, steps.eval, steps.checkpoint) == (39, 3900, 390, 39, 39)
+    assert (steps.log, steps.trust_ratio) == (50, 50)
+    config.update(evaluations_per_run=100, logs_per_run=200)
+    steps = run_setup.resolve_steps(config, 1_281_167)
+    assert (steps.eval, steps.log, steps.trust_ratio, steps.checkpoint) == (39, 19, 19, 39)  # 3,900 // 100, // 200
+    config.update(trust_ratio_every_steps=7, evaluations_per_run=10_000)
+    steps = run_setup.resolve_steps(config, 1_281_167)
+    assert (steps.trust_ratio, steps.eval) == (7, 1)  # more evaluations than steps: every step
+    config.update(num_train_steps=1000, trust_ratios_per_run=3)
+    steps = run_setup.resolve_steps(config, 1_281_167)
+    assert (steps.total, steps.trust_ratio, steps.log) == (1000, 333, 5)

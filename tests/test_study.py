@@ -1,17 +1,19 @@
 """configs/cifar10_study.py and tools/study.py on a small subset, through main.py."""
 
+import argparse
 import csv
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
 import matplotlib.image
 import pytest
+from absl import flags as absl_flags
+from ml_collections import config_flags
 
-from configs import cifar10_study
+import run_setup
 from tools import study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,26 +23,37 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
 
 
-def test_variant_is_the_whole_experiment():
-    config = cifar10_study.get_config("method=sgd,batch=2048,lr=3.2")
+def study_config(flags: list[str]):
+    """The config main.py builds from these flags (ml_collections' own parsing of the overrides)."""
+    argv = ["main.py", *flags]
+    values = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_a_cell_is_the_config_at_its_batch_with_its_optimizer_and_learning_rate():
+    default = argparse.Namespace(epochs=50.0, validation=5000, steps=0)
+    config = study_config(study.config_flags("sgd", 2048, 3.2, 0, default))
     assert (config.optimizer, config.nesterov, config.batch_size, config.learning_rate) == ("sgd", False, 2048, 3.2)
-    assert config.validation_images == 5000 and config.eval_every_steps == 1050 // 100  # 50 x 21 steps
-    assert (config.num_epochs, config.warmup_epochs, config.seed) == (50.0, 5.0, 0)
-    assert cifar10_study.get_config("method=nesterov,batch=128,lr=0.1").nesterov
-    lars = cifar10_study.get_config("method=lars,batch=128,lr=0.5")
+    # 45,000 training images (5,000 held out): 21 steps per epoch, 1,050 in 50; validation 100 times.
+    steps = run_setup.resolve_steps(config, 50_000 - config.validation_images)
+    assert (steps.total, steps.warmup, steps.eval, steps.trust_ratio, steps.log) == (1050, 105, 10, 10, 5)
+    assert (config.num_epochs, config.seed, config.microbatch_size, config.bn_group) == (50.0, 0, 256, "64")
+    assert study_config(study.config_flags("nesterov", 128, 0.1, 0, default)).nesterov
+    lars = study_config(study.config_flags("lars", 128, 0.5, 0, default))
     assert (lars.optimizer, lars.trust_coefficient, lars.microbatch_size) == ("lars", 0.01, 128)
-    # What differs between two cells is only what the variant names.
-    a, b = (cifar10_study.get_config(f"method={m},batch=512,lr=1.0").to_dict() for m in ("sgd", "lars"))
+    # What differs between two cells is only what their flags name.
+    a, b = (study_config(study.config_flags(m, 512, 1.0, 0, default)).to_dict() for m in ("sgd", "lars"))
     assert {k for k in a if a[k] != b[k]} == {"optimizer"}
-    seeded = cifar10_study.get_config("method=sgd,batch=512,lr=1.0,seed=2").to_dict()
+    seeded = study_config(study.config_flags("sgd", 512, 1.0, 2, default)).to_dict()
     assert {k for k in a if a[k] != seeded[k]} == {"seed"} and seeded["seed"] == 2
+    short = argparse.Namespace(epochs=8.0, validation=100, steps=6)
+    smoke = study_config(study.config_flags("sgd", 512, 1.0, 0, short))
+    assert (smoke.num_epochs, smoke.validation_images, smoke.num_train_steps) == (8.0, 100, 6)
     # The scaling rules, by hand: 0.1 at 128 linearly; 2 x sqrt(B/1024).
-    assert cifar10_study.scaled_lr("sgd", 8192) == pytest.approx(6.4)
-    assert cifar10_study.scaled_lr("lars", 4096) == pytest.approx(4.0)
-    for bad, words in (("method=adam,batch=1,lr=1", "method='adam'"), ("method=sgd,lr=1", "needs batch"),
-                       ("method=sgd,batch=1,lr=1,lr_decay=3", "unknown variant key(s) ['lr_decay']")):  # fmt: skip
-        with pytest.raises(ValueError, match=re.escape(words)):
-            cifar10_study.get_config(bad)
+    assert study.scaled_lr("sgd", 8192) == pytest.approx(6.4)
+    assert study.scaled_lr("lars", 4096) == pytest.approx(4.0)
 
 
 @pytest.mark.slow
@@ -67,18 +80,17 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     for row in rows:
         name = f"{row['method']}_b64_lr{float(row['lr']):g}" + ("_seed1" if row["seed"] == "1" else "")
         records, workdir = read_jsonl(out / "logs" / name / "metrics.jsonl"), out / "runs" / name
-        # The command is exactly a configs/ variant, and the run's config is that variant's.
+        # The command is the study config with the cell's flags, and the run's config is theirs.
         rule = 2.0 * (64 / 1024) ** 0.5
         assert float(row["lr"]) == pytest.approx(rule * float(row["lr_factor"]), rel=1e-3)
         lr = f"{float(row['lr']):g}"
-        seed = ",seed=1" if row["seed"] == "1" else ""
+        seed = " --config.seed=1" if row["seed"] == "1" else ""
         assert row["config"] == (
-            f"configs/cifar10_study.py:method={row['method']},batch=64,lr={lr}{seed},validation=100,steps=6,"
-            f"data_dir={cifar10_small}"
+            f"--config=configs/cifar10_study.py:64 --config.optimizer=lars --config.learning_rate={lr}{seed} "
+            "--config.validation_images=100 --config.num_train_steps=6"
         )
-        assert json.loads((workdir / "config.json").read_text()) == json.loads(
-            cifar10_study.get_config(row["config"].split(":", 1)[1]).to_json()
-        )
+        flags = [*row["config"].split(), f"--config.data_dir={cifar10_small}"]
+        assert json.loads((workdir / "config.json").read_text()) == json.loads(study_config(flags).to_json())
         # The row is what the run's records say.
         validation = [r for r in records if r["kind"] == "eval" and r["split"] == "validation"]
         test = [r for r in records if r["kind"] == "eval" and r["split"] == "test"]

@@ -3,8 +3,8 @@
     LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --page docs/study.md --page README.md
 
 Every run is one cell of configs/cifar10_study.py, run as
-`python main.py --config=configs/cifar10_study.py:<variant> --workdir=OUT/runs/<run>`
-with no overrides. For each method and batch size it sweeps the peak
+`python main.py --config=configs/cifar10_study.py:<batch> --config.optimizer=... --config.learning_rate=...
+--workdir=OUT/runs/<run>` (`config_flags`). For each method and batch size it sweeps the peak
 learning rate over the cell's centre x 1/2, 1, 2 (`--lr_factors`; the centre is
 the second edition's best learning rate, CENTRES, or the method's scaling rule
 for a cell it did not run); when the best of either view sits at an edge, the
@@ -15,7 +15,7 @@ comparison has a spread. Two views of the same runs (Shallue et al. 2018,
 arXiv:1811.03600):
 
   steps to target   the fewest steps, over the sweep, at which validation top-1
-                    first reaches --target (evaluated 16 times per run)
+                    first reaches --target (evaluated 100 times per run)
   fixed budget      validation top-1 after the budget, best over the sweep, and
                     that learning rate's test top-1, mean and range over its
                     seeds (the test images are evaluated once, after the last
@@ -52,7 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import cifar10_study  # noqa: E402
+from configs import cifar10_lars, cifar10_study  # noqa: E402
 from tools import cifar_data, plot_trust_ratios  # noqa: E402
 from tools.markdown import replace_section  # noqa: E402
 
@@ -77,9 +77,24 @@ CENTRES = {
 }  # fmt: skip
 
 
+BASE_BATCH = 128  # momentum SGD's learning rate 0.1 is for this batch
+STUDY = cifar10_study.get_config()  # what every cell shares: the budget, the validation split
+
+
+def scaled_lr(method: str, batch: int) -> float:
+    """The scaling rule that centres a method's sweep in a cell the second edition did not run.
+
+    Momentum SGD / Nesterov: 0.1 at batch 128, scaled linearly (Goyal et al.).
+    LARS: configs/cifar10_lars.py's rule, 2 x sqrt(batch / 1024).
+    """
+    if method == "lars":
+        return cifar10_lars.get_config(str(batch)).learning_rate
+    return 0.1 * batch / BASE_BATCH
+
+
 def lr_of(method: str, batch: int, factor: float) -> float:
     """The sweep's learning rate: the cell's centre times a power of 2, to 4 significant digits."""
-    centre = CENTRES.get((method, batch)) or cifar10_study.scaled_lr(method, batch)
+    centre = CENTRES.get((method, batch)) or scaled_lr(method, batch)
     return float(f"{centre * factor:.4g}")
 
 
@@ -87,20 +102,25 @@ def run_name(method: str, batch: int, lr: float, seed: int = 0) -> str:
     return f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
 
 
-def variant(method: str, batch: int, lr: float, seed: int, args) -> str:
-    """The configs/cifar10_study.py variant of one run: only what the study's flags change."""
-    values = {"method": method, "batch": batch, "lr": f"{lr:g}"}
+def config_flags(method: str, batch: int, lr: float, seed: int, args) -> list[str]:
+    """main.py's config flags of one run: configs/cifar10_study.py at the cell's batch, its optimizer
+    and learning rate, and what the study's own flags change (not the data's folder)."""
+    flags = [
+        f"--config={CONFIG}:{batch}",
+        f"--config.optimizer={'lars' if method == 'lars' else 'sgd'}",
+        f"--config.learning_rate={lr:g}",
+    ]
+    if method == "nesterov":
+        flags.append("--config.nesterov=true")
     if seed:
-        values["seed"] = seed
-    if args.epochs != cifar10_study.EPOCHS:
-        values["epochs"] = f"{args.epochs:g}"
-    if args.validation != cifar10_study.VALIDATION_IMAGES:
-        values["validation"] = args.validation
+        flags.append(f"--config.seed={seed}")
+    if args.epochs != STUDY.num_epochs:
+        flags.append(f"--config.num_epochs={args.epochs:g}")
+    if args.validation != STUDY.validation_images:
+        flags.append(f"--config.validation_images={args.validation}")
     if args.steps:
-        values["steps"] = args.steps
-    if args.data_dir:
-        values["data_dir"] = args.data_dir
-    return cifar10_study.variant_string(**values)
+        flags.append(f"--config.num_train_steps={args.steps}")
+    return flags
 
 
 def read_jsonl(path) -> list[dict]:
@@ -126,8 +146,9 @@ def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dic
     lr = lr_of(method, batch, factor)
     name = run_name(method, batch, lr, seed)
     workdir = pathlib.Path(args.out) / "runs" / name
-    config = f"{CONFIG}:{variant(method, batch, lr, seed, args)}"
-    command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}"]
+    flags = config_flags(method, batch, lr, seed, args)
+    data_dir = args.data_dir or str(cifar_data.CACHE / "cifar10_jpeg")
+    command = [sys.executable, "main.py", *flags, f"--config.data_dir={data_dir}", f"--workdir={workdir}"]
     print(f"[study] {name}: {' '.join(command[1:])}", flush=True)
     start = time.time()
     if subprocess.run(command, cwd=REPO).returncode:
@@ -152,7 +173,7 @@ def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dic
         "test_top5": round(final["test"]["eval_top5"], 4),
         "final_train_loss": round(last_train["loss"], 4),
         "validation_split": split_digest(workdir),
-        "config": config,
+        "config": " ".join(flags),
         "wall_s": round(time.time() - start),  # of the last invocation only, when resumed
     }
     logs = pathlib.Path(args.out) / "logs" / name
@@ -393,8 +414,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr_factors", default="0.5,1,2", help="the sweep, as multiples of each method's rule")
     parser.add_argument("--extend", type=int, default=5, help="extra LRs per cell past an edge that won")
     parser.add_argument("--target", type=float, default=0.70, help="validation top-1 of the steps-to-target view")
-    parser.add_argument("--epochs", type=float, default=cifar10_study.EPOCHS)
-    parser.add_argument("--validation", type=int, default=cifar10_study.VALIDATION_IMAGES)
+    parser.add_argument("--epochs", type=float, default=STUDY.num_epochs)
+    parser.add_argument("--validation", type=int, default=STUDY.validation_images)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
     parser.add_argument("--seeds", type=int, default=3, help="runs of each cell's best learning rate, seeds 0..N-1")
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
@@ -424,7 +445,7 @@ def main(argv=None):
     rows = read_csv(csv_path)
     if not args.report:
         if not args.data_dir:
-            cifar_data.extract()  # where configs/cifar10_study.py looks by default
+            cifar_data.extract()  # where the runs' data_dir points by default
         rows = sweep(rows, methods, batches, factors, args, csv_path)
     report(rows, methods, batches, args, out, csv_path)
     return rows
