@@ -82,9 +82,6 @@ def _quiet_environment():
     # the start-up stays quiet, and the pipeline's few TF ops run the same kernels on every CPU.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    # oneDNN's OpenMP threads sleep between convolutions instead of spinning, so XLA's own
-    # threads have the cores for the elementwise work in between (read when libgomp loads).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _drop_closed_loop_callbacks(unraisable):

@@ -49,8 +49,8 @@ class Scratch {
 
 inline thread_local Scratch scratchpad_buffer, weights_buffer;
 
-// The cores this process's oneDNN calls share: $OMP_NUM_THREADS, else the CPUs
-// it may run on (models/onednn.py divides the same number between devices).
+// The cores this process's oneDNN calls share: $OMP_NUM_THREADS (a launcher's
+// share of the machine), else the CPUs it may run on.
 inline int ProcessCores() {
   if (const char* env = std::getenv("OMP_NUM_THREADS"); env && std::atoi(env) > 0) return std::atoi(env);
   cpu_set_t cpus;

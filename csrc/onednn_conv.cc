@@ -260,6 +260,9 @@ extern "C" const char* lb_onednn_isa() {
   }
 }
 
+// The cores this process's oneDNN calls share, which models/onednn.py divides between devices.
+extern "C" int lb_process_cores() { return largebatch::ProcessCores(); }
+
 extern "C" int lb_onednn_version() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;

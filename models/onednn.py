@@ -82,8 +82,9 @@ def library() -> ctypes.CDLL:
             f"the oneDNN extension is not installed in this Python environment ({sys.prefix}); run "
             f"`{BUILD_COMMAND}` in the repository (`make build` for its .venv; needs a C++ compiler)."
         )
-    # Sleeping OpenMP threads between calls leave XLA's threads the cores (main.py sets it too;
-    # libgomp reads it once, when it is first loaded).
+    # oneDNN's OpenMP threads sleep between calls instead of spinning, so that XLA's own threads
+    # have the cores for the elementwise work in between (libgomp reads it when the library
+    # below first loads it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         onednn = installed_file("onednn-cpu-gomp", ONEDNN_LIBRARY)
@@ -131,8 +132,7 @@ def threads_per_device() -> int:
     """OpenMP threads for one device's calls: this process's cores (or $OMP_NUM_THREADS, e.g. a
     launcher's share of a machine it splits between processes) over its XLA devices, so that
     devices running concurrently do not oversubscribe the cores."""
-    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-    return max(1, cores // jax.local_device_count())
+    return max(1, library().lb_process_cores() // jax.local_device_count())
 
 
 def _call(target: str, result: jax.ShapeDtypeStruct, a, b, strides, pads):
