@@ -14,7 +14,7 @@ from absl import flags as absl_flags
 from ml_collections import config_flags
 
 import run_setup
-from tools import study
+from tools import study, study_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,20 +60,36 @@ def test_a_cell_is_the_config_at_its_batch_with_its_optimizer_and_learning_rate(
 def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     out, page = tmp_path / "study", tmp_path / "study.md"
     page.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
-    # One cell (LARS, batch 64), 3 LRs, then the best LR's seed 1; 2,000 training images, 100 held out;
-    # 6 steps per run, validation after each.
+    # Stage A: one cell (LARS, batch 64), 3 LRs, then the best LR's seed 1; Stage B: the same batch
+    # at another budget (100 epochs), 3 LRs around Stage A's choice. 2,000 training images, 100 held
+    # out; 6 steps per run, validation after each.
     command = [
         sys.executable, "-m", "tools.study", f"--out={out}", f"--data_dir={cifar10_small}", "--methods=lars",
         "--batches=64", "--steps=6", "--validation=100", "--target=0.15", "--extend=0", "--seeds=2", f"--page={page}",
+        "--stage_b_batch=64", "--stage_b_epochs=100",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the runs' own device count, as for a user
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
+    every_row = rows
+    stage_b = [r for r in rows if r["epochs"] == "100.0"]
+    rows = [r for r in rows if r["epochs"] == "50.0"]  # Stage A
     sweep = [r for r in rows if r["seed"] == "0"]
     assert sorted((r["method"], float(r["lr_factor"])) for r in sweep) == [("lars", f) for f in (0.5, 1.0, 2.0)]
     best = max(sweep, key=lambda r: float(r["final_validation_top1"]))
     assert [(r["lr"], r["seed"]) for r in rows if r["seed"] != "0"] == [(best["lr"], "1")]
+    # Stage B, after Stage A: Stage A's choice x 1/2, 1, 2, seed 0.
+    assert len(stage_b) == 3 and all(r["seed"] == "0" and r["steps"] == "6" for r in stage_b)
+    assert sorted(float(r["lr"]) for r in stage_b) == pytest.approx(
+        [float(best["lr"]) * f for f in (0.5, 1, 2)], rel=1e-3
+    )
+    for row in stage_b:
+        name = f"lars_b64_lr{float(row['lr']):g}_e100"
+        assert row["config"].endswith(
+            " --config.num_epochs=100 --config.validation_images=100 --config.num_train_steps=6"
+        )
+        assert json.loads((out / "logs" / name / "config.json").read_text())["num_epochs"] == 100.0
     classes = sorted(p.name for p in (cifar10_small / "train").iterdir())
     train_files = {f"{p.parent.name}/{p.name}" for p in (cifar10_small / "train").glob("*/*.jpg")}
     splits = []
@@ -124,6 +140,11 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     assert (
         f"{sum(tests) / 2:.1f} ({validation:.1f}, {best['lr']}, 6; 2 seeds: {min(tests):.1f}-{max(tests):.1f})" in text
     )
+    assert "Stage B: batch 64 for 100 epochs" in text
+    b_best = max(stage_b, key=lambda r: float(r["final_validation_top1"]))
+    b_test, b_validation = 100 * float(b_best["test_top1"]), 100 * float(b_best["final_validation_top1"])
+    b_text = f"{b_test:.1f} ({b_validation:.1f}, {b_best['lr']}, 6)"
+    assert "| LARS | " in text and b_text in text.split("Stage B")[1], text
     assert "old table" not in text and text.endswith("after\n")
     for image in ("steps_to_target.png", "accuracy.png", "trust_ratios.png"):
         assert matplotlib.image.imread(out / image).std() > 0
@@ -133,14 +154,17 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     with open(out / "results.csv") as f:
         lines = f.readlines()
     (out / "results.csv").write_text("".join(lines[:-1]))
-    for checkpoints in sorted((out / "runs").glob("*/checkpoints"))[:-1]:
-        subprocess.run(["rm", "-r", str(checkpoints)], check=True)
+    last = next(csv.DictReader(lines[:1] + lines[-1:]))
+    unfinished = f"lars_b64_lr{float(last['lr']):g}" + ("_e100" if last["epochs"] == "100.0" else "")
+    for checkpoints in (out / "runs").glob("*/checkpoints"):
+        if checkpoints.parent.name != unfinished:
+            subprocess.run(["rm", "-r", str(checkpoints)], check=True)
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
     done = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    assert done.stdout.count("[study]") == 1 and len(lines) == 5  # the header and 4 runs
+    assert done.stdout.count("[study]") == 1 and len(lines) == 8  # the header and 7 runs
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == stamps
     with open(out / "results.csv") as f:
-        assert [r["test_top1"] for r in csv.DictReader(f)] == [r["test_top1"] for r in rows]
+        assert [r["test_top1"] for r in csv.DictReader(f)] == [r["test_top1"] for r in every_row]
 
 
 def test_sweep_goes_past_an_edge_where_either_view_wins():
@@ -172,7 +196,8 @@ def test_study_rejects_unknown_method_before_writing(tmp_path):
 
 
 def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
-    """--report on a hand-written CSV: one cell with three runs, one not run yet; nothing is started."""
+    """--report on a hand-written CSV: one cell with three runs, one not run yet, and one Stage B run at
+    another budget; nothing is started."""
     out, page = tmp_path / "study", tmp_path / "study.md"
     readme = tmp_path / "README.md"
     for each in (page, readme):
@@ -188,16 +213,49 @@ def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
                                  steps_to_target=steps, target=0.7, final_validation_top1=validation,
                                  test_top1=test, test_top5=0.98, final_train_loss=0.6, validation_split="x",
                                  config="c", wall_s=1))  # fmt: skip
+        writer.writerow(dict(method="sgd", batch=512, lr="0.8", lr_factor="1.0", epochs=30, steps=1170,
+                             steps_to_target="", target=0.7, final_validation_top1="0.71", test_top1="0.7",
+                             test_top5=0.98, final_train_loss=0.6, validation_split="x", config="c",
+                             wall_s=1))  # fmt: skip
     command = [sys.executable, "-m", "tools.study", f"--out={out}", "--methods=sgd", "--batches=128,512", "--report",
-               f"--page={page}", f"--page={readme}", "--data_dir=/nonexistent"]  # fmt: skip
+               f"--page={page}", f"--page={readme}", "--data_dir=/nonexistent", "--epochs=8",
+               "--stage_b_batch=512", "--stage_b_epochs=30"]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     text = page.read_text()
     assert readme.read_text() == text  # every --page gets the same tables
     # Fewest steps 1,925 is a tie of LR 0.1 and 0.2: the higher final validation top-1 (0.763) wins;
     # the budget view takes that run too, and reports its test top-1.
     assert "| 128 | 1925 (0.2) |" in text and "| 128 | 75.4 (76.3, 0.2, 2808) |" in text, text
-    assert text.count("| 512 | not run yet |") == 2
+    assert text.count("| 512 | not run yet |") == 2  # the 30-epoch run is Stage B's, not this budget's
+    stage_b = text.split("Stage B: batch 512 for 30 epochs")[1]
+    assert "| momentum SGD, linear scaling | not reached in 1170 (1 LRs) | 70.0 (71.0, 0.8, 1170) |" in stage_b, text
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.csv", "steps_to_target.png"]
+
+
+def test_stage_b_waits_for_stage_a_and_sweeps_around_its_choice():
+    """stage_a_complete and stage_b_lr on hand-written Stage A rows (grid 1/2, 1, 2; 2 seeds)."""
+    args = argparse.Namespace(extend=2, seeds=2)
+
+    def row(method, batch, factor, lr, validation, seed="0"):
+        return dict(method=method, batch=str(batch), lr=lr, lr_factor=factor, seed=seed, steps="250",
+                    steps_to_target="", final_validation_top1=validation, test_top1=validation)  # fmt: skip
+
+    sgd = [row("sgd", 8192, "0.5", "0.1", "0.50"), row("sgd", 8192, "1.0", "0.2", "0.60"),
+           row("sgd", 8192, "2.0", "0.4", "0.55")]  # fmt: skip
+    lars = [row("lars", 8192, "0.5", "1.414", "0.60"), row("lars", 8192, "1.0", "2.828", "0.70"),
+            row("lars", 8192, "2.0", "5.657", "0.65")]  # fmt: skip
+    grid = [0.5, 1.0, 2.0]
+    # Sweeps done, best inside; seed 1 of each best still to run: not complete.
+    assert not study.stage_a_complete(sgd + lars, ["sgd", "lars"], [8192], grid, args)
+    seeds = [row("sgd", 8192, "1.0", "0.2", "0.58", "1"), row("lars", 8192, "1.0", "2.828", "0.69", "1")]
+    assert study.stage_a_complete(sgd + lars + seeds, ["sgd", "lars"], [8192], grid, args)
+    # A cell whose best sits at an edge (LARS at 5.657) still has a run to do; a cell not run at all neither.
+    edge = lars[:2] + [row("lars", 8192, "2.0", "5.657", "0.75"), row("lars", 8192, "2.0", "5.657", "0.74", "1")]
+    assert not study.stage_a_complete(sgd + edge + seeds[:1], ["sgd", "lars"], [8192], grid, args)
+    assert not study.stage_a_complete(sgd + lars + seeds, ["sgd", "lars"], [128, 8192], grid, args)
+    # Stage B's learning rates: Stage A's choice by final validation (SGD 0.2, LARS 2.828) x the grid.
+    assert [study.stage_b_lr(sgd + lars, "sgd", 8192, f) for f in grid] == [0.1, 0.2, 0.4]
+    assert [study.stage_b_lr(sgd + lars, "lars", 8192, f) for f in grid] == [1.414, 2.828, 5.656]
 
 
 def test_seeds_run_at_the_best_learning_rate_once_the_sweep_is_done():
@@ -213,7 +271,7 @@ def test_seeds_run_at_the_best_learning_rate_once_the_sweep_is_done():
     assert study.missing_seeds(rows, "sgd", 128, seeds=2) == []
     assert study.missing_seeds(rows, "lars", 128, seeds=3) == []  # nothing to repeat before the sweep
     # Means of 84/80 (test) and 85/83 (validation); the range of the test figures.
-    assert study.budget_text(rows, "sgd", 128) == "82.0 (84.0, 0.2, 17550; 2 seeds: 80.0-84.0)"
+    assert study_report.budget_text(rows, "sgd", 128) == "82.0 (84.0, 0.2, 17550; 2 seeds: 80.0-84.0)"
     # Second-edition rows have no seed column: they are seed 0.
     old = [{k: v for k, v in r.items() if k != "seed"} for r in rows[:2]]
-    assert study.budget_text(old, "sgd", 128) == "84.0 (85.0, 0.2, 17550)"
+    assert study_report.budget_text(old, "sgd", 128) == "84.0 (85.0, 0.2, 17550)"

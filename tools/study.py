@@ -11,8 +11,11 @@ for a cell it did not run); when the best of either view sits at an edge, the
 sweep goes one factor of 2 further that way, up to `--extend` runs past the grid.
 When every cell's sweep is done, the best learning rate of each cell (by final
 validation top-1) is run again with seeds 1 to `--seeds` - 1, so that the
-comparison has a spread. Two views of the same runs (Shallue et al. 2018,
-arXiv:1811.03600):
+comparison has a spread. That is Stage A (--epochs). Stage B starts when every
+Stage A cell is complete: the --stage_b_batch cells again at --stage_b_epochs
+(run folders <run>_e<epochs>), each method's sweep centred on the learning rate
+Stage A chose at that batch. Two views of the same runs (Shallue et al. 2018,
+arXiv:1811.03600; tools/study_report.py):
 
   steps to target   the fewest steps, over the sweep, at which validation top-1
                     first reaches --target (evaluated 100 times per run)
@@ -32,7 +35,7 @@ Writes:
   OUT/steps_to_target.png  steps to target against batch size, log-log, with perfect scaling
   OUT/accuracy.png         test top-1 at the fixed budget against batch size
   OUT/trust_ratios.png     LARS per-layer trust ratios, smallest vs largest batch
-  PAGE                     the two tables between the study markers (each --page)
+  PAGE                     the tables of both stages between the study markers (each --page)
 """
 
 import argparse
@@ -46,23 +49,21 @@ import subprocess
 import sys
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import cifar10_lars, cifar10_study  # noqa: E402
-from tools import cifar_data, plot_trust_ratios  # noqa: E402
-from tools.markdown import replace_section  # noqa: E402
+from configs import cifar10_lars, cifar10_study
+from tools import cifar_data, study_report
+from tools.study_report import (
+    METHODS,
+    best_at_budget,
+    budget_runs,
+    cell_rows,
+    fewest_steps,
+    seed_of,
+    stage_b_due,
+    stage_rows,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/cifar10_study.py"
-METHODS = {
-    "sgd": "momentum SGD, linear scaling",
-    "lars": "LARS",
-    "nesterov": "Nesterov momentum, linear scaling",
-}
 CSV_FIELDS = [
     "method", "batch", "lr", "lr_factor", "seed", "epochs", "steps", "steps_to_target", "target",
     "final_validation_top1", "test_top1", "test_top5", "final_train_loss", "validation_split", "config", "wall_s",
@@ -98,11 +99,13 @@ def lr_of(method: str, batch: int, factor: float) -> float:
     return float(f"{centre * factor:.4g}")
 
 
-def run_name(method: str, batch: int, lr: float, seed: int = 0) -> str:
-    return f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
+def run_name(method: str, batch: int, lr: float, seed: int = 0, epochs: float = STUDY.num_epochs) -> str:
+    """The run's folder: e.g. lars_b8192_lr2.828, with _seed1 for other seeds and _e200 for Stage B."""
+    name = f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
+    return name + (f"_e{epochs:g}" if epochs != STUDY.num_epochs else "")
 
 
-def config_flags(method: str, batch: int, lr: float, seed: int, args) -> list[str]:
+def config_flags(method: str, batch: int, lr: float, seed: int, args, epochs: float | None = None) -> list[str]:
     """main.py's config flags of one run: configs/cifar10_study.py at the cell's batch, its optimizer
     and learning rate, and what the study's own flags change (not the data's folder)."""
     flags = [
@@ -114,8 +117,9 @@ def config_flags(method: str, batch: int, lr: float, seed: int, args) -> list[st
         flags.append("--config.nesterov=true")
     if seed:
         flags.append(f"--config.seed={seed}")
-    if args.epochs != STUDY.num_epochs:
-        flags.append(f"--config.num_epochs={args.epochs:g}")
+    epochs = args.epochs if epochs is None else epochs
+    if epochs != STUDY.num_epochs:
+        flags.append(f"--config.num_epochs={epochs:g}")
     if args.validation != STUDY.validation_images:
         flags.append(f"--config.validation_images={args.validation}")
     if args.steps:
@@ -141,12 +145,19 @@ def split_digest(workdir) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
 
 
-def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dict:
-    """Trains one run (or resumes it) through main.py and returns its row of results.csv."""
-    lr = lr_of(method, batch, factor)
-    name = run_name(method, batch, lr, seed)
+def run_cell(method: str, batch: int, lr: float, factor: float, args, seed: int = 0, epochs=None) -> dict:
+    """Trains one run (or resumes it) through main.py and returns its row of results.csv.
+
+    Args:
+      method, batch, lr, seed: the run.
+      factor: `lr` over the centre of its cell's sweep.
+      args: the study's flags.
+      epochs: its budget (default: Stage A's, --epochs).
+    """
+    epochs = args.epochs if epochs is None else epochs
+    name = run_name(method, batch, lr, seed, epochs)
     workdir = pathlib.Path(args.out) / "runs" / name
-    flags = config_flags(method, batch, lr, seed, args)
+    flags = config_flags(method, batch, lr, seed, args, epochs)
     data_dir = args.data_dir or str(cifar_data.CACHE / "cifar10_jpeg")
     command = [sys.executable, "main.py", *flags, f"--config.data_dir={data_dir}", f"--workdir={workdir}"]
     print(f"[study] {name}: {' '.join(command[1:])}", flush=True)
@@ -164,7 +175,7 @@ def run_cell(method: str, batch: int, factor: float, args, seed: int = 0) -> dic
         "lr": lr,
         "lr_factor": factor,
         "seed": seed,
-        "epochs": args.epochs,
+        "epochs": epochs,
         "steps": final["test"]["step"],
         "steps_to_target": steps_to_target(records, args.target) or "",
         "target": args.target,
@@ -187,7 +198,8 @@ def write_csv(rows: list[dict], path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["method"], int(r["batch"]), float(r["lr"]), seed_of(r))))
+        order = lambda r: (r["method"], int(r["batch"]), float(r["epochs"]), float(r["lr"]), seed_of(r))  # noqa: E731
+        writer.writerows(sorted(rows, key=order))
 
 
 def read_csv(path) -> list[dict]:
@@ -195,33 +207,6 @@ def read_csv(path) -> list[dict]:
         return []
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def seed_of(row: dict) -> int:
-    return int(row.get("seed") or 0)  # rows of the second edition have no seed column: seed 0
-
-
-def cell_rows(rows: list[dict], method: str, batch: int) -> list[dict]:
-    """The sweep of one cell: its seed-0 runs, by learning rate."""
-    runs = (r for r in rows if r["method"] == method and int(r["batch"]) == batch and seed_of(r) == 0)
-    return sorted(runs, key=lambda r: float(r["lr"]))
-
-
-def seed_rows(rows: list[dict], method: str, batch: int, lr: float) -> list[dict]:
-    """Every seed's run of one cell at one learning rate, by seed."""
-    runs = (r for r in rows if r["method"] == method and int(r["batch"]) == batch and float(r["lr"]) == lr)
-    return sorted(runs, key=seed_of)
-
-
-def fewest_steps(rows: list[dict]) -> dict | None:
-    """The run of a cell that reached the target in the fewest steps (ties: the higher final validation top-1)."""
-    reached = [r for r in rows if r["steps_to_target"] not in ("", None)]
-    return min(reached, key=lambda r: (int(r["steps_to_target"]), -float(r["final_validation_top1"])), default=None)
-
-
-def best_at_budget(rows: list[dict]) -> dict | None:
-    """The run of a cell with the best final validation top-1 (the test set chooses nothing)."""
-    return max(rows, key=lambda r: float(r["final_validation_top1"]), default=None)
 
 
 def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | None:
@@ -243,146 +228,51 @@ def next_factor(rows: list[dict], factors: list[float], extend: int) -> float | 
     return None
 
 
-def batch_by_method_table(rows: list[dict], methods, batches, heading: str, cell_text) -> str:
-    """A Markdown table, a row per batch and a column per method; cell_text(rows, method, batch) -> text."""
-    lines = ["| batch | " + " | ".join(f"{METHODS[m]}: {heading}" for m in methods) + " |"]
-    lines.append("|---|" + "---|" * len(methods))
-    for batch in batches:
-        values = [cell_text(rows, m, batch) or "not run yet" for m in methods]
-        lines.append(f"| {batch} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def steps_text(rows: list[dict], method: str, batch: int) -> str:
-    cell = cell_rows(rows, method, batch)
-    best = fewest_steps(cell)
-    if not cell:
-        return ""
-    if best is None:
-        return f"not reached in {cell[0]['steps']} ({len(cell)} LRs)"
-    return f"{best['steps_to_target']} ({best['lr']})"
-
-
-def budget_runs(rows: list[dict], method: str, batch: int) -> list[dict]:
-    """The runs of a cell's chosen learning rate (best final validation top-1 of its sweep), one per seed."""
-    best = best_at_budget(cell_rows(rows, method, batch))
-    return [] if best is None else seed_rows(rows, method, batch, float(best["lr"]))
-
-
-def budget_text(rows: list[dict], method: str, batch: int) -> str:
-    """Test top-1 % (validation %, LR, steps) of the chosen learning rate; over several seeds the means,
-    and the test range."""
-    runs = budget_runs(rows, method, batch)
-    if not runs:
-        return ""
-    test = [100 * float(r["test_top1"]) for r in runs]
-    validation = np.mean([100 * float(r["final_validation_top1"]) for r in runs])
-    text = f"{np.mean(test):.1f} ({validation:.1f}, {runs[0]['lr']}, {runs[0]['steps']}"
-    return text + (f"; {len(runs)} seeds: {min(test):.1f}-{max(test):.1f})" if len(runs) > 1 else ")")
-
-
-def steps_table(rows: list[dict], methods, batches) -> str:
-    return batch_by_method_table(rows, methods, batches, "steps (LR)", steps_text)
-
-
-def budget_table(rows: list[dict], methods, batches) -> str:
-    heading = "test top-1 % (validation %, LR, steps; seeds: test range)"
-    return batch_by_method_table(rows, methods, batches, heading, budget_text)
-
-
-def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
-    """The study section of each Markdown page: both tables and where they come from."""
-    target = f"{100 * args.target:g}%"
-    text = (
-        f"Steps to {target} validation top-1 (fewest over the learning-rate sweep; LR of that run):\n\n"
-        + steps_table(rows, methods, batches)
-        + f"\n\nTest top-1 after {budget(args)} (the learning rate with the best final validation top-1; "
-        "over its seeds, the means):\n\n"
-        + budget_table(rows, methods, batches)
-        + f"\n\n_{len(rows)} runs, from `{csv_path}`._"
+def stage_a_complete(rows: list[dict], methods, batches, factors, args) -> bool:
+    """Whether every Stage A cell has its sweep (the best inside it, or `extend` used up) and its seeds."""
+    return all(
+        cell_rows(rows, m, b)
+        and next_factor(cell_rows(rows, m, b), factors, args.extend) is None
+        and not missing_seeds(rows, m, b, args.seeds)
+        for m in methods
+        for b in batches
     )
-    for page in pages:
-        replace_section(page, "study", text)
 
 
-def plot_steps_to_target(rows, methods, batches, target, path):
-    fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
-    for method in methods:
-        points = [(b, fewest_steps(cell_rows(rows, method, b))) for b in batches]
-        points = [(b, int(r["steps_to_target"])) for b, r in points if r]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=METHODS[method])
-            b0, s0 = points[0]
-            ax.plot(batches, [s0 * b0 / b for b in batches], ls=":", color=ax.lines[-1].get_color(), lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel(f"steps to {100 * target:g}% validation top-1")
-    ax.set_title("CIFAR-10: steps to target (dotted: perfect scaling from the smallest batch)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def budget(args) -> str:
-    return f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs"
-
-
-def plot_accuracy(rows, methods, batches, budget_label, path):
-    fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
-    for method in methods:
-        tests = [(b, [100 * float(r["test_top1"]) for r in budget_runs(rows, method, b)]) for b in batches]
-        tests = [(b, t) for b, t in tests if t]
-        if tests:
-            means = [np.mean(t) for _, t in tests]
-            spread = [[m - min(t) for (_, t), m in zip(tests, means)], [max(t) - m for (_, t), m in zip(tests, means)]]
-            ax.errorbar([b for b, _ in tests], means, yerr=spread, marker="o", capsize=3, label=METHODS[method])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"CIFAR-10, {budget_label}: test top-1 at the LR best by validation (bars: seeds' range)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_trust_ratio_comparison(small_workdir, large_workdir, path):
-    """Per-layer LARS trust ratio over training progress (fraction of the run), two batch sizes side by side."""
-    logs = [plot_trust_ratios.TrustRatioLog(w) for w in (small_workdir, large_workdir)]
-    fig, axes = plt.subplots(1, 2, figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI, sharey=True)
-    for ax, log in zip(axes, logs):
-        layers = log.lars_layers
-        for color, i in zip(plt.cm.viridis(np.linspace(0, 1, len(layers))), layers):
-            ax.plot(log.steps / log.steps[-1], log.trust_ratio[i], color=color, lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("fraction of training")
-        ax.set_title(f"{log.workdir.name}: {int(log.steps[-1])} steps")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("trust ratio (LARS layers, network order: dark to light)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def stage_b_lr(stage_a: list[dict], method: str, batch: int, factor: float) -> float:
+    """A Stage B learning rate: the one Stage A chose at this batch (by final validation) times `factor`."""
+    centre = float(best_at_budget(cell_rows(stage_a, method, batch))["lr"])
+    return float(f"{centre * factor:.4g}")
 
 
 def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
-    """Runs every cell's missing learning rates, then the missing seeds of every cell's best one;
-    a row is added to the CSV after each run."""
+    """Stage A: every cell's missing learning rates, then the missing seeds of every cell's best one.
+    Stage B, once Stage A is complete: the --stage_b_batch cells at --stage_b_epochs, their learning
+    rates swept around Stage A's choice. A row is added to the CSV after each run."""
 
     def record(row):
-        write_csv(rows + [row], csv_path)  # after every run, so an interruption keeps it
+        write_csv(read_csv(csv_path) + [row], csv_path)  # after every run, so an interruption keeps it
         return read_csv(csv_path)
 
+    stage_a = lambda: stage_rows(rows, args.epochs)  # noqa: E731
     for batch in batches:
         for method in methods:
-            while (factor := next_factor(cell_rows(rows, method, batch), factors, args.extend)) is not None:
-                rows = record(run_cell(method, batch, factor, args))
+            while (factor := next_factor(cell_rows(stage_a(), method, batch), factors, args.extend)) is not None:
+                rows = record(run_cell(method, batch, lr_of(method, batch, factor), factor, args))
     for batch in batches:
         for method in methods:
-            for seed in missing_seeds(rows, method, batch, args.seeds):
-                best = best_at_budget(cell_rows(rows, method, batch))
-                rows = record(run_cell(method, batch, float(best["lr_factor"]), args, seed))
+            for seed in missing_seeds(stage_a(), method, batch, args.seeds):
+                best = best_at_budget(cell_rows(stage_a(), method, batch))
+                rows = record(run_cell(method, batch, float(best["lr"]), float(best["lr_factor"]), args, seed))
+    if not stage_b_due(args, batches) or not stage_a_complete(stage_a(), methods, batches, factors, args):
+        return rows
+    batch, epochs = args.stage_b_batch, args.stage_b_epochs
+    for method in methods:
+        while (
+            factor := next_factor(cell_rows(stage_rows(rows, epochs), method, batch), factors, args.extend)
+        ) is not None:
+            lr = stage_b_lr(stage_a(), method, batch, factor)
+            rows = record(run_cell(method, batch, lr, factor, args, epochs=epochs))
     return rows
 
 
@@ -393,16 +283,15 @@ def missing_seeds(rows: list[dict], method: str, batch: int, seeds: int) -> list
 
 
 def report(rows, methods, batches, args, out, csv_path):
-    """The plots, the page's tables and the printed tables from the runs so far (cells not run yet show so)."""
-    plot_steps_to_target(rows, methods, batches, args.target, out / "steps_to_target.png")
-    plot_accuracy(rows, methods, batches, budget(args), out / "accuracy.png")
-    small, large = (best_at_budget(cell_rows(rows, "lars", b)) for b in (min(batches), max(batches)))
-    if "lars" in methods and small and large:
-        names = [run_name("lars", int(r["batch"]), float(r["lr"])) for r in (small, large)]
-        plot_trust_ratio_comparison(out / "logs" / names[0], out / "logs" / names[1], out / "trust_ratios.png")
-    update_pages(args.page, rows, methods, batches, args, csv_path)
-    print(steps_table(rows, methods, batches))
-    print(budget_table(rows, methods, batches))
+    """The plots, the pages' tables and the printed tables of the runs so far (cells not run yet show so)."""
+    stage_a = study_report.stage_rows(rows, args.epochs)
+    chosen = [
+        study_report.best_at_budget(study_report.cell_rows(stage_a, "lars", b)) for b in (min(batches), max(batches))
+    ]
+    logs = None
+    if "lars" in methods and all(chosen):
+        logs = [out / "logs" / run_name("lars", int(r["batch"]), float(r["lr"]), epochs=args.epochs) for r in chosen]
+    study_report.write(rows, methods, batches, args, out, csv_path, logs)
 
 
 def parse_args(argv=None):
@@ -418,6 +307,10 @@ def parse_args(argv=None):
     parser.add_argument("--validation", type=int, default=STUDY.validation_images)
     parser.add_argument("--steps", type=int, default=0, help="> 0: that many steps per run (smoke tests)")
     parser.add_argument("--seeds", type=int, default=3, help="runs of each cell's best learning rate, seeds 0..N-1")
+    parser.add_argument("--stage_b_batch", type=int, default=8192, help="Stage B's batch (one of --batches)")
+    parser.add_argument(
+        "--stage_b_epochs", type=float, default=200.0, help="Stage B's budget, run once Stage A is complete (0: none)"
+    )
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
     parser.add_argument(
         "--page", action="append", default=[], help="Markdown page whose study section gets the tables (repeatable)"
