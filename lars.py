@@ -205,7 +205,9 @@ def scale_by_lars(
       learning_rate: float or schedule, used only when clip=True.
 
     Returns:
-      An optax.GradientTransformation whose state keeps the last trust ratios.
+      An optax.GradientTransformationExtraArgs whose state keeps the last trust ratios; its
+      update takes the per-tensor norms of the gradient and the params (`grad_norms`,
+      `param_norms`, as trees.leaf_norms gives them) where the caller has them already.
 
     References:
       You, Gitman, Ginsburg, arXiv:1708.03888, Algorithm 1.
@@ -220,18 +222,22 @@ def scale_by_lars(
         ones = jax.tree.map(lambda _: jnp.ones([], jnp.float32), params)
         return ScaleByLarsState(count=jnp.zeros([], jnp.int32), trust_ratios=ones)
 
-    def update_fn(updates, state, params):
+    def update_fn(updates, state, params, *, grad_norms=None, param_norms=None, **unused_extra_args):
+        # grad_norms, param_norms: trees.leaf_norms of `updates` and `params`, when the caller
+        # has them (the training step logs them); computed here otherwise.
         if params is None:
             raise ValueError("scale_by_lars needs the params: call update(g, state, params).")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        grad_norms = trees.leaf_norms(updates) if grad_norms is None else grad_norms
+        param_norms = trees.leaf_norms(params) if param_norms is None else param_norms
 
-        def one_tensor(g, w, apply):
+        def one_tensor(g, w, g_norm, w_norm, apply):
             if not apply:
                 return g, jnp.ones([], jnp.float32)
             decayed = g + weight_decay * w
             ratio = local_lr(
-                trees.norm(w),
-                trees.norm(g),
+                w_norm,
+                g_norm,
                 trees.norm(decayed),
                 trust_coefficient=trust_coefficient,
                 weight_decay=weight_decay,
@@ -243,7 +249,7 @@ def scale_by_lars(
             return (ratio * decayed).astype(g.dtype), ratio
 
         apply_mask = _resolve_mask(mask, params)
-        pairs = jax.tree.map(one_tensor, updates, params, apply_mask)
+        pairs = jax.tree.map(one_tensor, updates, params, grad_norms, param_norms, apply_mask)
         treedef = jax.tree.structure(updates)
         flat = treedef.flatten_up_to(pairs)
         new_updates = treedef.unflatten([u for u, _ in flat])
@@ -251,7 +257,7 @@ def scale_by_lars(
         count = optax.safe_increment(state.count)
         return new_updates, ScaleByLarsState(count=count, trust_ratios=ratios)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------

@@ -104,14 +104,16 @@ def make_apply_gradients(optimizer, schedule, batch_size: int):
     the optimizer update of a global batch of `batch_size` whose mean gradient is `grads`."""
 
     def apply_gradients(state: TrainState, grads, batch_stats, loss, correct):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        # The per-layer norms (the same sums LARS takes; XLA computes them once) also make the
-        # finiteness check and the global norms: a layer's norm is non-finite when an element is
-        # inf or NaN (or when its square passes float32's range, ~1.8e19, which stops the step too),
-        # and param_norm, like layer_param_norms, is that of the parameters the step started from.
+        # The per-layer norms: LARS's trust ratios take them (other optimizers ignore them), and
+        # they make the finiteness check and the global norms: a layer's norm is non-finite when an
+        # element is inf or NaN (or when its square passes float32's range, ~1.8e19, which stops
+        # the step too); param_norm, like layer_param_norms, is that of the parameters the step
+        # started from.
         grad_norms, param_norms = trees.leaf_norms(grads), trees.leaf_norms(state.params)
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, grad_norms=grad_norms, param_norms=param_norms
+        )
+        params = optax.apply_updates(state.params, updates)
         grads_finite = jax.tree.map(jnp.isfinite, grad_norms)
         ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
         new_state = TrainState(state.step + 1, params, batch_stats, opt_state)

@@ -178,6 +178,33 @@ def test_state_trust_ratios_equal_pure_function():
                 assert float(ratio) == 1.0
 
 
+def test_trust_ratios_take_the_norms_the_caller_gives():
+    """The training step passes the per-tensor norms it logs; LARS's ratio is then
+    eta * ||w|| / (||g|| + beta * ||w||) of those figures (here 3x and 1/2x the true ones, so that
+    the test can tell), by hand in float64."""
+    params = jax.tree.map(jnp.asarray, random_params(dtype=np.float32))
+    grads = jax.tree.map(jnp.asarray, gradient(random_params(dtype=np.float32), 0))
+    optimizer = lars.lars(0.1, weight_decay=5e-4, trust_coefficient=1e-3)
+    true_w = jax.tree.map(lambda w: np.linalg.norm(np.asarray(w, np.float64)), params)
+    true_g = jax.tree.map(lambda g: np.linalg.norm(np.asarray(g, np.float64)), grads)
+    given_w, given_g = jax.tree.map(lambda n: 3 * n, true_w), jax.tree.map(lambda n: n / 2, true_g)
+    _, state = optimizer.update(
+        grads,
+        optimizer.init(params),
+        params,
+        param_norms=jax.tree.map(lambda n: jnp.float32(n), given_w),
+        grad_norms=jax.tree.map(lambda n: jnp.float32(n), given_g),
+    )
+    ratio = lars.get_trust_ratios(state)["conv"]["kernel"]
+    w, g = given_w["conv"]["kernel"], given_g["conv"]["kernel"]
+    np.testing.assert_allclose(float(ratio), 1e-3 * w / (g + 5e-4 * w), rtol=1e-6)
+    _, state = optimizer.update(grads, optimizer.init(params), params)  # without them: its own
+    w, g = true_w["conv"]["kernel"], true_g["conv"]["kernel"]
+    np.testing.assert_allclose(
+        float(lars.get_trust_ratios(state)["conv"]["kernel"]), 1e-3 * w / (g + 5e-4 * w), rtol=1e-6
+    )
+
+
 def test_excluded_tensors_get_plain_momentum():
     params = jax.tree.map(jnp.asarray, random_params(dtype=np.float32))
     grads = jax.tree.map(jnp.asarray, gradient(random_params(dtype=np.float32), 0))
