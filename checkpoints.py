@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -125,6 +126,9 @@ def save(manager: ocp.CheckpointManager, state, workdir: str):
         if jax.process_index() == 0:
             _remove_partial(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*"))
         manager.reload()
+        # The save stopped at its first failed write; the writes orbax had scheduled but not started
+        # are freed later, often at exit, where Python would warn about each after the error line.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
         raise CheckpointError(
             f"{reason} while writing checkpoint {step} to {checkpoints}; {last_checkpoint(manager.latest_step())}. "
             "Make room and run the same command to resume."
