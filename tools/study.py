@@ -93,10 +93,14 @@ def scaled_lr(method: str, batch: int) -> float:
     return 0.1 * batch / BASE_BATCH
 
 
-def lr_of(method: str, batch: int, factor: float) -> float:
-    """The sweep's learning rate: the cell's centre times a power of 2, to 4 significant digits."""
-    centre = CENTRES.get((method, batch)) or scaled_lr(method, batch)
+def swept_lr(centre: float, factor: float) -> float:
+    """A sweep's learning rate: its centre times a power of 2, to 4 significant digits."""
     return float(f"{centre * factor:.4g}")
+
+
+def lr_of(method: str, batch: int, factor: float) -> float:
+    """A Stage A learning rate: around the cell's centre (CENTRES, or the method's scaling rule)."""
+    return swept_lr(CENTRES.get((method, batch)) or scaled_lr(method, batch), factor)
 
 
 def run_name(method: str, batch: int, lr: float, seed: int = 0, epochs: float = STUDY.num_epochs) -> str:
@@ -241,8 +245,7 @@ def stage_a_complete(rows: list[dict], methods, batches, factors, args) -> bool:
 
 def stage_b_lr(stage_a: list[dict], method: str, batch: int, factor: float) -> float:
     """A Stage B learning rate: the one Stage A chose at this batch (by final validation) times `factor`."""
-    centre = float(best_at_budget(cell_rows(stage_a, method, batch))["lr"])
-    return float(f"{centre * factor:.4g}")
+    return swept_lr(float(best_at_budget(cell_rows(stage_a, method, batch))["lr"]), factor)
 
 
 def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
