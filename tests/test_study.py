@@ -62,11 +62,11 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     page.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
     # Stage A: one cell (LARS, batch 64), 3 LRs, then the best LR's seed 1; Stage B: the same batch
     # at another budget (100 epochs), 3 LRs around Stage A's choice. 2,000 training images, 100 held
-    # out; 6 steps per run, validation after each.
+    # out; 6 steps per run, validation after each. Two runs at a time, each on half the cores.
     command = [
         sys.executable, "-m", "tools.study", f"--out={out}", f"--data_dir={cifar10_small}", "--methods=lars",
         "--batches=64", "--steps=6", "--validation=100", "--target=0.15", "--extend=0", "--seeds=2", f"--page={page}",
-        "--stage_b_batch=64", "--stage_b_epochs=100",
+        "--stage_b_batch=64", "--stage_b_epochs=100", "--jobs=2",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the runs' own device count, as for a user
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
@@ -146,6 +146,10 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     b_text = f"{b_test:.1f} ({b_validation:.1f}, {b_best['lr']}, 6)"
     assert "| LARS | " in text and b_text in text.split("Stage B")[1], text
     assert "old table" not in text and text.endswith("after\n")
+    # Each run's output in its own file; main.py saw half the cores (its oneDNN threads).
+    threads = len(os.sched_getaffinity(0)) // 2
+    logs = [log.read_text() for log in (out / "runs").glob("*.log")]
+    assert len(logs) == 7 and all(f", {threads} OpenMP thread(s) per device." in log for log in logs)
     for image in ("steps_to_target.png", "accuracy.png", "trust_ratios.png"):
         assert matplotlib.image.imread(out / image).std() > 0
 
@@ -275,3 +279,62 @@ def test_seeds_run_at_the_best_learning_rate_once_the_sweep_is_done():
     # Second-edition rows have no seed column: they are seed 0.
     old = [{k: v for k, v in r.items() if k != "seed"} for r in rows[:2]]
     assert study_report.budget_text(old, "sgd", 128) == "84.0 (85.0, 0.2, 17550)"
+
+
+def test_runs_that_do_not_depend_on_each_other_are_due_together():
+    """due_runs on hand-written rows and runs going (grid 1/2, 1, 2; 2 seeds; Stage B at 8,192 x 200 epochs):
+    what --jobs may start at once, first to start first."""
+    args = argparse.Namespace(epochs=50.0, extend=2, seeds=2, stage_b_batch=8192, stage_b_epochs=200.0)
+    methods, batches, grid = ["sgd", "lars"], [128, 8192], [0.5, 1.0, 2.0]
+
+    def row(method, batch, factor, lr, validation, seed=0, epochs=50.0):
+        return dict(method=method, batch=str(batch), lr=str(lr), lr_factor=str(factor), seed=str(seed),
+                    epochs=str(epochs), steps_to_target="", final_validation_top1=str(validation))  # fmt: skip
+
+    def due(rows, going=()):
+        return [(r.method, r.batch, r.lr, r.seed, r.epochs) for r in study.due_runs(rows, list(going), methods,
+                                                                                   batches, grid, args)]  # fmt: skip
+
+    # Nothing run: every cell's grid around the second edition's best (SGD 0.8 / 0.2, LARS 1.414 / 2.828).
+    assert due([]) == [("sgd", 128, lr, 0, 50.0) for lr in (0.4, 0.8, 1.6)] + [
+        ("lars", 128, lr, 0, 50.0) for lr in (0.707, 1.414, 2.828)
+    ] + [("sgd", 8192, lr, 0, 50.0) for lr in (0.1, 0.2, 0.4)] + [
+        ("lars", 8192, lr, 0, 50.0) for lr in (1.414, 2.828, 5.656)
+    ]  # fmt: skip
+    # SGD 128: 0.4 and 0.8 done, 1.6 going; LARS 128: 0.707 going. SGD 128 has nothing to start (whether
+    # it extends depends on 1.6), LARS 128 its other two learning rates.
+    sgd = [row("sgd", 128, 0.5, 0.4, 0.80), row("sgd", 128, 1.0, 0.8, 0.84)]
+    going = [study.Run("sgd", 128, 1.6, 2.0, 0, 50.0), study.Run("lars", 128, 0.707, 0.5, 0, 50.0)]
+    assert due(sgd, going)[:3] == [
+        ("lars", 128, 1.414, 0, 50.0),
+        ("lars", 128, 2.828, 0, 50.0),
+        ("sgd", 8192, 0.1, 0, 50.0),
+    ]
+    # 1.6 finished with the best validation, at the top edge: one more factor of 2 (3.2), no seeds yet.
+    edge = sgd + [row("sgd", 128, 2.0, 1.6, 0.85)]
+    assert due(edge, going[1:])[0] == ("sgd", 128, 3.2, 0, 50.0)
+    # 1.6 finished below 0.8: the sweep is over; seed 1 of 0.8 comes after every cell's sweep, once.
+    swept, seed = sgd + [row("sgd", 128, 2.0, 1.6, 0.83)], ("sgd", 128, 0.8, 1, 50.0)
+    assert due(swept, going[1:])[-1] == seed and due(swept, going[1:]).count(seed) == 1
+    assert seed not in due(swept, going[1:] + [study.Run("sgd", 128, 0.8, 1.0, 1, 50.0)])
+    # Stage A complete (every cell's best inside, seed 1 done): Stage B's grids around its choice at 8,192.
+    stage_a = []
+    for method, batch, centre in (("sgd", 128, 0.8), ("lars", 128, 1.414), ("sgd", 8192, 0.2), ("lars", 8192, 2.828)):
+        stage_a += [row(method, batch, f, round(centre * f, 3), 0.8 + 0.01 * (f == 1.0)) for f in grid]
+        stage_a.append(row(method, batch, 1.0, centre, 0.8, seed=1))
+    assert due(stage_a) == [("sgd", 8192, lr, 0, 200.0) for lr in (0.1, 0.2, 0.4)] + [
+        ("lars", 8192, lr, 0, 200.0) for lr in (1.414, 2.828, 5.656)
+    ]  # fmt: skip
+    assert due(stage_a[:-1]) == [("lars", 8192, 2.828, 1, 50.0)]  # one seed missing: Stage B waits
+    assert due(stage_a, [study.Run("sgd", 8192, 0.2, 1.0, 0, 200.0)])[:2] == [
+        ("sgd", 8192, 0.1, 0, 200.0), ("sgd", 8192, 0.4, 0, 200.0)
+    ]  # fmt: skip
+
+
+def test_study_rejects_more_jobs_than_cores_before_writing(tmp_path):
+    out, cores = tmp_path / "study", len(os.sched_getaffinity(0))
+    command = [sys.executable, "-m", "tools.study", f"--out={out}", f"--jobs={cores + 1}", "--data_dir=/nonexistent"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --jobs={cores + 1}: between 1 and this process's {cores} cores."
+    assert not out.exists()

@@ -1,6 +1,6 @@
 """The batch-size study: LARS against momentum SGD with linear scaling, each with its own learning rates.
 
-    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --page docs/study.md --page README.md
+    LARGEBATCH_SHARED_DATA=../shared/data python -m tools.study --jobs=2 --page docs/study.md --page README.md
 
 Every run is one cell of configs/cifar10_study.py, run as
 `python main.py --config=configs/cifar10_study.py:<batch> --config.optimizer=... --config.learning_rate=...
@@ -29,6 +29,11 @@ skipped (the CSV and logs are committed after every run); an interrupted one
 resumes from its last checkpoint in OUT/runs (every epoch; not committed).
 `--report` starts no run: it writes the plots and tables of the runs so far.
 
+--jobs N runs N at a time, each pinned to 1/N of the cores (its output in
+OUT/runs/<run>.log). A cell's grid learning rates start together, and so do its
+seeds; a step past an edge waits for the cell's other runs, the seeds for the
+sweep, Stage B for Stage A (`due_runs`).
+
 Writes:
   OUT/results.csv          one row per finished run
   OUT/logs/<run>/          its metrics.jsonl, trust_ratios.jsonl and config.json
@@ -43,11 +48,13 @@ import csv
 import hashlib
 import json
 import math
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from configs import cifar10_lars, cifar10_study
 from tools import cifar_data, study_report
@@ -149,37 +156,70 @@ def split_digest(workdir) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
 
 
-def run_cell(method: str, batch: int, lr: float, factor: float, args, seed: int = 0, epochs=None) -> dict:
-    """Trains one run (or resumes it) through main.py and returns its row of results.csv.
+class Run(NamedTuple):
+    """One training run of the study."""
 
-    Args:
-      method, batch, lr, seed: the run.
-      factor: `lr` over the centre of its cell's sweep.
-      args: the study's flags.
-      epochs: its budget (default: Stage A's, --epochs).
-    """
-    epochs = args.epochs if epochs is None else epochs
-    name = run_name(method, batch, lr, seed, epochs)
-    workdir = pathlib.Path(args.out) / "runs" / name
-    flags = config_flags(method, batch, lr, seed, args, epochs)
+    method: str
+    batch: int
+    lr: float
+    factor: float  # lr over the centre of its cell's sweep
+    seed: int
+    epochs: float
+
+    @property
+    def name(self) -> str:
+        return run_name(self.method, self.batch, self.lr, self.seed, self.epochs)
+
+
+def core_slots(jobs: int) -> list[set[int] | None]:
+    """The cores of each of `jobs` concurrent runs: one run has the study's own (no pinning); more split the
+    available cores into equal contiguous parts."""
+    if jobs == 1:
+        return [None]
+    cores = sorted(os.sched_getaffinity(0))
+    size = len(cores) // jobs
+    return [set(cores[i * size : (i + 1) * size]) for i in range(jobs)]
+
+
+def output_log(run: Run, args) -> pathlib.Path:
+    """Where a run's output goes when runs go concurrently (--jobs > 1)."""
+    return pathlib.Path(args.out) / "runs" / f"{run.name}.log"
+
+
+def start_run(run: Run, args, cores: set[int] | None) -> subprocess.Popen:
+    """Starts (or resumes) one run through main.py, pinned to `cores` if given. With --jobs > 1 its output
+    is appended to `output_log`, since concurrent runs would interleave theirs."""
+    workdir = pathlib.Path(args.out) / "runs" / run.name
+    flags = config_flags(run.method, run.batch, run.lr, run.seed, args, run.epochs)
     data_dir = args.data_dir or str(cifar_data.CACHE / "cifar10_jpeg")
     command = [sys.executable, "main.py", *flags, f"--config.data_dir={data_dir}", f"--workdir={workdir}"]
-    print(f"[study] {name}: {' '.join(command[1:])}", flush=True)
-    start = time.time()
-    if subprocess.run(command, cwd=REPO).returncode:
-        raise SystemExit(f"error: run {name} failed (its output is above); run the study again to resume.")
+    if cores is None:
+        print(f"[study] {run.name}: {' '.join(command[1:])}", flush=True)
+        return subprocess.Popen(command, cwd=REPO)
+    log = output_log(run, args)
+    print(f"[study] {run.name} on cores {sorted(cores)}, output in {log}: {' '.join(command[1:])}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as output:
+        pin = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
+        return subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, preexec_fn=pin)
+
+
+def finished_row(run: Run, args, wall_s: float) -> dict:
+    """The row of results.csv of a run whose main.py exited 0, from its records; its logs are copied to
+    OUT/logs/<run>/. A run a signal stopped is not over: SystemExit."""
+    workdir = pathlib.Path(args.out) / "runs" / run.name
     records = read_jsonl(workdir / "metrics.jsonl")
     final = {r["split"]: r for r in records if r["kind"] == "eval"}  # the last of each split
     if "test" not in final:  # main.py exits 0 when a signal stops it: the run is not over
-        raise SystemExit(f"error: run {name} stopped before its last step; run the study again to resume.")
+        raise SystemExit(f"error: run {run.name} stopped before its last step; run the study again to resume.")
     last_train = [r for r in records if r["kind"] == "train"][-1]
     row = {
-        "method": method,
-        "batch": batch,
-        "lr": lr,
-        "lr_factor": factor,
-        "seed": seed,
-        "epochs": epochs,
+        "method": run.method,
+        "batch": run.batch,
+        "lr": run.lr,
+        "lr_factor": run.factor,
+        "seed": run.seed,
+        "epochs": run.epochs,
         "steps": final["test"]["step"],
         "steps_to_target": steps_to_target(records, args.target) or "",
         "target": args.target,
@@ -188,10 +228,10 @@ def run_cell(method: str, batch: int, lr: float, factor: float, args, seed: int 
         "test_top5": round(final["test"]["eval_top5"], 4),
         "final_train_loss": round(last_train["loss"], 4),
         "validation_split": split_digest(workdir),
-        "config": " ".join(flags),
-        "wall_s": round(time.time() - start),  # of the last invocation only, when resumed
+        "config": " ".join(config_flags(run.method, run.batch, run.lr, run.seed, args, run.epochs)),
+        "wall_s": round(wall_s),  # of the last invocation only, when resumed
     }
-    logs = pathlib.Path(args.out) / "logs" / name
+    logs = pathlib.Path(args.out) / "logs" / run.name
     logs.mkdir(parents=True, exist_ok=True)
     for file in ("metrics.jsonl", "trust_ratios.jsonl", "config.json"):
         shutil.copy(workdir / file, logs / file)
@@ -248,41 +288,94 @@ def stage_b_lr(stage_a: list[dict], method: str, batch: int, factor: float) -> f
     return swept_lr(float(best_at_budget(cell_rows(stage_a, method, batch))["lr"]), factor)
 
 
-def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
-    """Stage A: every cell's missing learning rates, then the missing seeds of every cell's best one.
-    Stage B, once Stage A is complete: the --stage_b_batch cells at --stage_b_epochs, their learning
-    rates swept around Stage A's choice. A row is added to the CSV after each run."""
-
-    def record(row):
-        write_csv(read_csv(csv_path) + [row], csv_path)  # after every run, so an interruption keeps it
-        return read_csv(csv_path)
-
-    stage_a = lambda: stage_rows(rows, args.epochs)  # noqa: E731
-    for batch in batches:
-        for method in methods:
-            while (factor := next_factor(cell_rows(stage_a(), method, batch), factors, args.extend)) is not None:
-                rows = record(run_cell(method, batch, lr_of(method, batch, factor), factor, args))
-    for batch in batches:
-        for method in methods:
-            for seed in missing_seeds(stage_a(), method, batch, args.seeds):
-                best = best_at_budget(cell_rows(stage_a(), method, batch))
-                rows = record(run_cell(method, batch, float(best["lr"]), float(best["lr_factor"]), args, seed))
-    if not stage_b_due(args, batches) or not stage_a_complete(stage_a(), methods, batches, factors, args):
-        return rows
-    batch, epochs = args.stage_b_batch, args.stage_b_epochs
-    for method in methods:
-        while (
-            factor := next_factor(cell_rows(stage_rows(rows, epochs), method, batch), factors, args.extend)
-        ) is not None:
-            lr = stage_b_lr(stage_a(), method, batch, factor)
-            rows = record(run_cell(method, batch, lr, factor, args, epochs=epochs))
-    return rows
-
-
 def missing_seeds(rows: list[dict], method: str, batch: int, seeds: int) -> list[int]:
     """Seeds 1 .. seeds-1 not yet run at the cell's best learning rate (none before its sweep has a run)."""
     done = {seed_of(r) for r in budget_runs(rows, method, batch)}
     return [seed for seed in range(1, seeds) if done and seed not in done]
+
+
+def startable_factors(rows: list[dict], going: list[Run], factors: list[float], extend: int) -> list[float]:
+    """The factors of one cell's sweep that can start now, given its finished rows and its runs still going:
+    the grid's missing ones all at once; one past an edge only once none is going (it depends on them all)."""
+    busy = {run.factor for run in going}
+    done = {float(r["lr_factor"]) for r in rows}
+    missing = [f for f in factors if f not in done | busy]
+    if missing or busy:
+        return missing
+    factor = next_factor(rows, factors, extend)
+    return [] if factor is None else [factor]
+
+
+def due_runs(rows: list[dict], going: list[Run], methods, batches, factors, args) -> list[Run]:
+    """The runs that can start now, the first to start first: the missing learning rates of every Stage A
+    cell, batch by batch; then the missing seeds of the best learning rate of each cell whose sweep is over;
+    then Stage B, once Stage A is complete: the --stage_b_batch cells at
+    --stage_b_epochs, their learning rates swept around Stage A's choice."""
+
+    def cell_going(method, batch, epochs) -> list[Run]:
+        return [r for r in going if (r.method, r.batch, r.epochs) == (method, batch, epochs)]
+
+    stage_a = stage_rows(rows, args.epochs)
+    sweeps, seeds = [], []
+    for batch in batches:
+        for method in methods:
+            cell, runs = cell_rows(stage_a, method, batch), cell_going(method, batch, args.epochs)
+            swept = [r for r in runs if r.seed == 0]
+            new = startable_factors(cell, swept, factors, args.extend)
+            sweeps += [Run(method, batch, lr_of(method, batch, f), f, 0, args.epochs) for f in new]
+            if new or swept:
+                continue
+            best = best_at_budget(cell)
+            for seed in missing_seeds(stage_a, method, batch, args.seeds):
+                if seed not in {r.seed for r in runs}:
+                    seeds.append(Run(method, batch, float(best["lr"]), float(best["lr_factor"]), seed, args.epochs))
+    due = sweeps + seeds
+    if not stage_b_due(args, batches) or not stage_a_complete(stage_a, methods, batches, factors, args):
+        return due
+    batch, epochs = args.stage_b_batch, args.stage_b_epochs
+    for method in methods:
+        cell = cell_rows(stage_rows(rows, epochs), method, batch)
+        for factor in startable_factors(cell, cell_going(method, batch, epochs), factors, args.extend):
+            due.append(Run(method, batch, stage_b_lr(stage_a, method, batch, factor), factor, 0, epochs))
+    return due
+
+
+def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
+    """Runs what is due (`due_runs`), up to --jobs runs at a time, each on its own part of the cores, until
+    nothing is due. A row is added to the CSV after each run, so an interruption keeps it. A failed run
+    stops the others (they checkpoint on SIGTERM and resume next time)."""
+    slots = core_slots(args.jobs)
+    going: dict[int, tuple[Run, subprocess.Popen, float]] = {}  # slot -> run, its process, its start
+    while True:
+        free = [slot for slot in range(len(slots)) if slot not in going]
+        for slot, run in zip(free, due_runs(rows, [g[0] for g in going.values()], methods, batches, factors, args)):
+            going[slot] = (run, start_run(run, args, slots[slot]), time.time())
+        if not going:
+            return rows
+        run, process, started = going.pop(wait_for_one(going))
+        try:
+            if process.returncode:
+                output = "above" if args.jobs == 1 else f"in {output_log(run, args)}"
+                raise SystemExit(
+                    f"error: run {run.name} failed (its output is {output}); run the study again to resume."
+                )
+            row = finished_row(run, args, time.time() - started)
+        except SystemExit:
+            for _, other, _ in going.values():
+                other.terminate()
+                other.wait()
+            raise
+        write_csv(read_csv(csv_path) + [row], csv_path)
+        rows = read_csv(csv_path)
+
+
+def wait_for_one(going: dict[int, tuple[Run, subprocess.Popen, float]]) -> int:
+    """Waits until one of the runs going has exited; returns its slot."""
+    while True:
+        for slot, (_, process, _) in going.items():
+            if process.poll() is not None:
+                return slot
+        time.sleep(1)
 
 
 def report(rows, methods, batches, args, out, csv_path):
@@ -314,6 +407,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--stage_b_epochs", type=float, default=200.0, help="Stage B's budget, run once Stage A is complete (0: none)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each pinned to an equal part of the cores (>1)"
+    )
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
     parser.add_argument(
         "--page", action="append", default=[], help="Markdown page whose study section gets the tables (repeatable)"
@@ -329,6 +425,9 @@ def check_args(args) -> tuple[list[str], list[int], list[float]]:
     factors = [float(f) for f in args.lr_factors.split(",")]
     if any(f <= 0 or not math.log2(f).is_integer() for f in factors):
         raise SystemExit(f"error: --lr_factors={args.lr_factors}: use powers of 2 (e.g. 0.5,1,2).")
+    cores = len(os.sched_getaffinity(0))
+    if not 1 <= args.jobs <= cores:
+        raise SystemExit(f"error: --jobs={args.jobs}: between 1 and this process's {cores} cores.")
     return methods, batches, factors
 
 
