@@ -230,7 +230,8 @@ def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
     # Fewest steps 1,925 is a tie of LR 0.1 and 0.2: the higher final validation top-1 (0.763) wins;
     # the budget view takes that run too, and reports its test top-1.
     assert "| 128 | 1925 (0.2) |" in text and "| 128 | 75.4 (76.3, 0.2, 2808) |" in text, text
-    assert text.count("| 512 | not run yet |") == 2  # the 30-epoch run is Stage B's, not this budget's
+    # The 30-epoch run is Stage B's, not this budget's: 512 is not run in either view, nor in the gaps.
+    assert text.count("| 512 | not run yet |") == 3 and "| 128 | +0.0 |" in text
     stage_b = text.split("Stage B: batch 512 for 30 epochs")[1]
     assert "| momentum SGD, linear scaling | not reached in 1170 (1 LRs) | 70.0 (71.0, 0.8, 1170) |" in stage_b, text
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.csv", "steps_to_target.png"]
@@ -338,3 +339,28 @@ def test_study_rejects_more_jobs_than_cores_before_writing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: --jobs={cores + 1}: between 1 and this process's {cores} cores."
     assert not out.exists()
+
+
+def test_gap_table_measures_each_batch_against_the_small_batch_reference():
+    """gap_table on hand-written rows: at 128 SGD (0.4, seeds 0 and 1) and LARS (1.414); at 2,048 one run
+    each; 8,192 not run. LARS has the better validation at 128 (86 against 84), so it is the reference."""
+
+    def row(method, batch, lr, validation, test, seed="0"):
+        return dict(method=method, batch=str(batch), lr=lr, lr_factor="1.0", seed=seed, steps="1",
+                    final_validation_top1=validation, test_top1=test)  # fmt: skip
+
+    rows = [
+        row("sgd", 128, "0.2", "0.80", "0.99"),  # not chosen (validation 80 < 85): its test does not count
+        row("sgd", 128, "0.4", "0.85", "0.84"), row("sgd", 128, "0.4", "0.83", "0.82", seed="1"),
+        row("lars", 128, "1.414", "0.86", "0.85"),
+        row("sgd", 2048, "3.2", "0.79", "0.80"), row("lars", 2048, "5.657", "0.83", "0.835"),
+    ]  # fmt: skip
+    text = study_report.gap_table(rows, ["sgd", "lars"], [128, 2048, 8192])
+    # Means: SGD 128 (84 + 82) / 2 = 83; against LARS 128's 85: -2.0; at 2,048 80 - 85 and 83.5 - 85.
+    assert "against batch 128's 85.0 (LARS, the better validation top-1 there)" in text
+    assert text.splitlines()[-3:] == [
+        "| 128 | -2.0 | +0.0 | +2.0 |",
+        "| 2048 | -5.0 | -1.5 | +3.5 |",
+        "| 8192 | not run yet | not run yet | not run yet |",
+    ]
+    assert study_report.gap_table(rows[4:], ["sgd", "lars"], [128, 2048]) == ""  # nothing at 128 yet

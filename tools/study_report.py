@@ -80,6 +80,11 @@ def budget_runs(rows: list[dict], method: str, batch: int) -> list[dict]:
     return [] if best is None else seed_rows(rows, method, batch, float(best["lr"]))
 
 
+def mean_percent(runs: list[dict], column: str) -> float:
+    """The mean of a top-1 column over runs (its seeds), in percent."""
+    return float(np.mean([100 * float(r[column]) for r in runs]))
+
+
 def budget_text(rows: list[dict], method: str, batch: int) -> str:
     """Test top-1 % (validation %, LR, steps) of the chosen learning rate; over several seeds the means,
     and the test range."""
@@ -87,8 +92,8 @@ def budget_text(rows: list[dict], method: str, batch: int) -> str:
     if not runs:
         return ""
     test = [100 * float(r["test_top1"]) for r in runs]
-    validation = np.mean([100 * float(r["final_validation_top1"]) for r in runs])
-    text = f"{np.mean(test):.1f} ({validation:.1f}, {runs[0]['lr']}, {runs[0]['steps']}"
+    validation = mean_percent(runs, "final_validation_top1")
+    text = f"{mean_percent(runs, 'test_top1'):.1f} ({validation:.1f}, {runs[0]['lr']}, {runs[0]['steps']}"
     return text + (f"; {len(runs)} seeds: {min(test):.1f}-{max(test):.1f})" if len(runs) > 1 else ")")
 
 
@@ -99,6 +104,34 @@ def steps_table(rows: list[dict], methods, batches) -> str:
 def budget_table(rows: list[dict], methods, batches) -> str:
     heading = "test top-1 % (validation %, LR, steps; seeds: test range)"
     return batch_by_method_table(rows, methods, batches, heading, budget_text)
+
+
+def gap_table(rows: list[dict], methods, batches) -> str:
+    """The claim in points of test top-1, from the means over the seeds of each cell's chosen learning
+    rate: each method against the smallest batch's reference (the method there with the better mean
+    validation top-1) and, with both methods, LARS minus momentum SGD at each batch. Empty before the
+    smallest batch has a run."""
+    small = min(batches)
+    chosen = {m: budget_runs(rows, m, small) for m in methods if budget_runs(rows, m, small)}
+    if not chosen:
+        return ""
+    reference = max(chosen, key=lambda m: mean_percent(chosen[m], "final_validation_top1"))
+    base = mean_percent(chosen[reference], "test_top1")
+    both = "sgd" in methods and "lars" in methods
+    lines = [
+        f"The same means in points of test top-1, against batch {small}'s {base:.1f} ({METHODS[reference]}, the "
+        f"better validation top-1 there){', and LARS against momentum SGD' if both else ''}:",
+        "",
+        "| batch | " + " | ".join(METHODS[m] for m in methods) + (" | LARS - SGD |" if both else " |"),
+        "|---|" + "---|" * (len(methods) + both),
+    ]
+    for batch in batches:
+        means = {m: mean_percent(runs, "test_top1") for m in methods if (runs := budget_runs(rows, m, batch))}
+        cells = [f"{means[m] - base:+.1f}" if m in means else "not run yet" for m in methods]
+        if both:
+            cells.append(f"{means['lars'] - means['sgd']:+.1f}" if {"sgd", "lars"} <= means.keys() else "not run yet")
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def stage_b_table(rows: list[dict], methods, args) -> str:
@@ -123,6 +156,8 @@ def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
         + f"\n\nTest top-1 after {budget(args)} (the learning rate with the best final validation top-1; "
         "over its seeds, the means):\n\n" + budget_table(stage_a, methods, batches)
     )
+    if gaps := gap_table(stage_a, methods, batches):
+        text += "\n\n" + gaps
     if stage_b_due(args, batches):
         text += (
             f"\n\nStage B: batch {args.stage_b_batch} for {args.stage_b_epochs:g} epochs, each method's learning "
@@ -206,5 +241,6 @@ def write(rows: list[dict], methods, batches, args, out, csv_path, trust_ratio_l
     update_pages(args.page, rows, methods, batches, args, csv_path)
     print(steps_table(stage_a, methods, batches))
     print(budget_table(stage_a, methods, batches))
+    print(gap_table(stage_a, methods, batches))
     if stage_b_due(args, batches):
         print(stage_b_table(rows, methods, args))
