@@ -26,11 +26,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def start(batch: int, images: int, workdir: pathlib.Path, cores) -> subprocess.Popen:
     """One run of the study's SGD cell at `batch` for about `images` training images, pinned to `cores`."""
-    steps = max(images // batch, 40)
+    budget = argparse.Namespace(epochs=study.STUDY.num_epochs, validation=study.STUDY.validation_images,
+                                steps=max(images // batch, 40))  # fmt: skip
     command = [
-        sys.executable, "main.py", f"--config=configs/cifar10_study.py:{batch}", "--config.optimizer=sgd",
-        "--config.learning_rate=0.1", f"--config.num_train_steps={steps}", "--config.evaluations_per_run=1",
-        "--config.logs_per_run=20", "--config.checkpoint_every_epochs=1000",
+        sys.executable, "main.py", *study.config_flags("sgd", batch, 0.1, 0, budget),
+        "--config.evaluations_per_run=1", "--config.logs_per_run=20", "--config.checkpoint_every_epochs=1000",
         f"--config.data_dir={cifar_data.extract()}", f"--workdir={workdir}",
     ]  # fmt: skip
     pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))

@@ -309,8 +309,8 @@ def startable_factors(rows: list[dict], going: list[Run], factors: list[float], 
 def due_runs(rows: list[dict], going: list[Run], methods, batches, factors, args) -> list[Run]:
     """The runs that can start now, the first to start first: the missing learning rates of every Stage A
     cell, batch by batch; then the missing seeds of the best learning rate of each cell whose sweep is over;
-    then Stage B, once Stage A is complete: the --stage_b_batch cells at
-    --stage_b_epochs, their learning rates swept around Stage A's choice."""
+    then Stage B, once Stage A is complete: the --stage_b_batch cells at --stage_b_epochs, their learning
+    rates swept around Stage A's choice."""
 
     def cell_going(method, batch, epochs) -> list[Run]:
         return [r for r in going if (r.method, r.batch, r.epochs) == (method, batch, epochs)]
