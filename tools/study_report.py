@@ -112,7 +112,7 @@ def gap_table(rows: list[dict], methods, batches) -> str:
     validation top-1) and, with both methods, LARS minus momentum SGD at each batch. Empty before the
     smallest batch has a run."""
     small = min(batches)
-    chosen = {m: budget_runs(rows, m, small) for m in methods if budget_runs(rows, m, small)}
+    chosen = {m: runs for m in methods if (runs := budget_runs(rows, m, small))}
     if not chosen:
         return ""
     reference = max(chosen, key=lambda m: mean_percent(chosen[m], "final_validation_top1"))
