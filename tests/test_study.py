@@ -364,3 +364,15 @@ def test_gap_table_measures_each_batch_against_the_small_batch_reference():
         "| 8192 | not run yet | not run yet | not run yet |",
     ]
     assert study_report.gap_table(rows[4:], ["sgd", "lars"], [128, 2048]) == ""  # nothing at 128 yet
+
+
+def test_gap_table_writes_a_difference_that_rounds_to_zero_as_plus_zero():
+    """At 128 LARS is the reference (validation 86) with test 85.00; SGD's test 84.96 is 0.04 points under
+    it, which rounds to zero and reads +0.0 in both SGD's column and LARS - SGD, not -0.0."""
+    rows = [
+        dict(method="sgd", batch="128", lr="0.4", lr_factor="1.0", seed="0", steps="1",
+             final_validation_top1="0.85", test_top1="0.8496"),
+        dict(method="lars", batch="128", lr="1.414", lr_factor="1.0", seed="0", steps="1",
+             final_validation_top1="0.86", test_top1="0.85"),
+    ]  # fmt: skip
+    assert study_report.gap_table(rows, ["sgd", "lars"], [128]).splitlines()[-1] == "| 128 | +0.0 | +0.0 | +0.0 |"

@@ -106,6 +106,11 @@ def budget_table(rows: list[dict], methods, batches) -> str:
     return batch_by_method_table(rows, methods, batches, heading, budget_text)
 
 
+def signed_points(points: float) -> str:
+    """A difference in points to one decimal, signed; one that rounds to zero reads +0.0, not -0.0."""
+    return f"{round(points, 1) + 0.0:+.1f}"
+
+
 def gap_table(rows: list[dict], methods, batches) -> str:
     """The claim in points of test top-1, from the means over the seeds of each cell's chosen learning
     rate: each method against the smallest batch's reference (the method there with the better mean
@@ -127,9 +132,11 @@ def gap_table(rows: list[dict], methods, batches) -> str:
     ]
     for batch in batches:
         means = {m: mean_percent(runs, "test_top1") for m in methods if (runs := budget_runs(rows, m, batch))}
-        cells = [f"{means[m] - base:+.1f}" if m in means else "not run yet" for m in methods]
+        cells = [signed_points(means[m] - base) if m in means else "not run yet" for m in methods]
         if both:
-            cells.append(f"{means['lars'] - means['sgd']:+.1f}" if {"sgd", "lars"} <= means.keys() else "not run yet")
+            cells.append(
+                signed_points(means["lars"] - means["sgd"]) if {"sgd", "lars"} <= means.keys() else "not run yet"
+            )
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
