@@ -1,9 +1,15 @@
 """tools/cifar_data.extract on small archives built here: it leaves the image folder whole or not at all."""
 
 import io
+import os
+import pathlib
 import random
+import signal
+import socket
 import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 
@@ -65,3 +71,54 @@ def test_a_half_copy_unpacked_in_place_is_replaced(tmp_path, monkeypatch):
     write_archive(tmp_path)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     assert files_under(cifar_data.extract(tmp_path / "cache")) == IMAGES
+
+
+def test_an_extraction_killed_outright_is_cleared_by_the_next(tmp_path, monkeypatch):
+    # 64 KiB images: gzip reads its input 32 KiB at a time, so half of this archive (~400 KiB)
+    # reaches tar as whole images.
+    images = {name: _random.randbytes(65536) for name in IMAGES}
+    archive = write_archive(tmp_path, images).read_bytes()
+    # The shared folder holds a FIFO in place of the archive, so the test decides how much of it
+    # tar has read when the extracting process and its tar are killed with SIGKILL.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.mkfifo(shared / cifar_data.ARCHIVE)
+    cache = tmp_path / "cache"
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"from tools import cifar_data; cifar_data.extract({str(cache)!r})"],
+        cwd=pathlib.Path(__file__).parents[1],
+        env={**os.environ, "LARGEBATCH_SHARED_DATA": str(shared)},
+        start_new_session=True,
+    )
+    with open(shared / cifar_data.ARCHIVE, "wb") as pipe:
+        pipe.write(archive[: len(archive) // 2])
+        pipe.flush()
+        deadline = time.monotonic() + 60
+        while not any(path.is_file() for path in cache.glob(".extracting-*/**/*")):
+            assert time.monotonic() < deadline, "tar unpacked nothing from half the archive in 60 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    [abandoned] = cache.iterdir()
+    assert abandoned.name.startswith(f".extracting-{socket.gethostname()}-{process.pid}-")
+
+    (shared / cifar_data.ARCHIVE).unlink()
+    write_archive(shared, images)
+    monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(shared))
+    assert files_under(cifar_data.extract(cache)) == images
+    assert sorted(path.name for path in cache.iterdir()) == ["cifar10_jpeg"]
+
+
+def test_extractions_still_running_are_left_alone(tmp_path, monkeypatch):
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    running_here = tmp_path / "cache" / f".extracting-{socket.gethostname()}-{os.getpid()}-a"
+    other_host = tmp_path / "cache" / f".extracting-not-{socket.gethostname()}-{dead_pid.pid}-b"
+    for folder in (running_here, other_host):
+        folder.mkdir(parents=True)
+    write_archive(tmp_path)
+    monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
+    cifar_data.extract(tmp_path / "cache")
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(
+        ["cifar10_jpeg", running_here.name, other_host.name]
+    )

@@ -8,12 +8,15 @@ extracted elsewhere (about 20 s).
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import tempfile
 
 ARCHIVE = "cifar10_jpeg.tar.gz"
 # Where the study and the benchmarks keep their one extracted copy (tests use their own temporary one).
 CACHE = pathlib.Path.home() / ".cache" / "largebatch"
+# Prefix of the temporary folders extract() unpacks into, inside the cache: .extracting-<host>-<pid>-<random>.
+_EXTRACTING = ".extracting-"
 
 
 def shared_archive() -> pathlib.Path:
@@ -28,7 +31,8 @@ def extract(dest=CACHE) -> pathlib.Path:
 
     The archive is unpacked into a temporary folder inside dest and renamed into place, so
     dest/cifar10_jpeg exists only whole: an extraction killed midway leaves no half copy that
-    later runs would take for the data set, and of two processes extracting at once one wins.
+    later runs would take for the data set (the next extraction removes its temporary folder),
+    and of two processes extracting at once one wins.
     """
     dest = pathlib.Path(dest)
     root = dest / "cifar10_jpeg"
@@ -37,7 +41,9 @@ def extract(dest=CACHE) -> pathlib.Path:
     dest.mkdir(parents=True, exist_ok=True)
     if root.exists():  # a half copy unpacked in place, without test/
         shutil.rmtree(root)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".extracting-") as unpacked:
+    remove_abandoned_extractions(dest)
+    prefix = f"{_EXTRACTING}{socket.gethostname()}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=dest, prefix=prefix) as unpacked:
         # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
         # times file by file (60,000 of them). It refuses members outside dest, as filter="data" does.
         subprocess.run(["tar", "-xzf", str(shared_archive()), "-C", unpacked, "--no-same-owner"], check=True)
@@ -47,6 +53,31 @@ def extract(dest=CACHE) -> pathlib.Path:
             if not (root / "test").is_dir():
                 raise
     return root
+
+
+def remove_abandoned_extractions(dest) -> None:
+    """Removes the temporary folders in dest of extractions whose process has died.
+
+    A process killed outright (SIGKILL, a node's out-of-memory killer) cannot remove its own
+    folder. Each is named after its host and process id; only folders of this host whose
+    process is gone are removed, so an extraction still running here or on another host
+    sharing dest is left alone.
+    """
+    host = socket.gethostname()
+    for folder in pathlib.Path(dest).glob(f"{_EXTRACTING}*"):
+        owner, _, pid = folder.name[len(_EXTRACTING) :].rpartition("-")[0].rpartition("-")
+        if owner == host and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def subset(source, dest, per_class: dict[str, int]) -> pathlib.Path:
