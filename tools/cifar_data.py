@@ -31,17 +31,17 @@ def extract(dest=CACHE) -> pathlib.Path:
 
     The archive is unpacked into a temporary folder inside dest and renamed into place, so
     dest/cifar10_jpeg exists only whole: an extraction killed midway leaves no half copy that
-    later runs would take for the data set (the next extraction removes its temporary folder),
+    later runs would take for the data set (the next call removes its temporary folder),
     and of two processes extracting at once one wins.
     """
     dest = pathlib.Path(dest)
     root = dest / "cifar10_jpeg"
+    remove_abandoned_extractions(dest)
     if (root / "test").is_dir():
         return root
     dest.mkdir(parents=True, exist_ok=True)
     if root.exists():  # a half copy unpacked in place, without test/
         shutil.rmtree(root)
-    remove_abandoned_extractions(dest)
     prefix = f"{_EXTRACTING}{socket.gethostname()}-{os.getpid()}-"
     with tempfile.TemporaryDirectory(dir=dest, prefix=prefix) as unpacked:
         # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
