@@ -1,11 +1,11 @@
 """tools/cifar_data.extract on small archives built here: it leaves the image folder whole or not at all."""
 
 import io
+import json
 import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tools import cifar_data
+from workdir_lock import WorkdirLock
 
 # The archive's layout: cifar10_jpeg/<split>/<class>/<name>.jpg; 3 classes x 2 images per split,
 # random bytes (which gzip cannot shrink, so a cut at a fraction of the archive lands in the same
@@ -100,7 +101,7 @@ def test_an_extraction_killed_outright_is_cleared_by_the_next(tmp_path, monkeypa
         os.killpg(process.pid, signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
     [abandoned] = cache.iterdir()
-    assert abandoned.name.startswith(f".extracting-{socket.gethostname()}-{process.pid}-")
+    assert json.loads((abandoned / "run.lock").read_text())["pid"] == process.pid
 
     (shared / cifar_data.ARCHIVE).unlink()
     write_archive(shared, images)
@@ -110,15 +111,11 @@ def test_an_extraction_killed_outright_is_cleared_by_the_next(tmp_path, monkeypa
 
 
 def test_extractions_still_running_are_left_alone(tmp_path, monkeypatch):
-    dead_pid = subprocess.Popen(["true"])
-    dead_pid.wait()
-    running_here = tmp_path / "cache" / f".extracting-{socket.gethostname()}-{os.getpid()}-a"
-    other_host = tmp_path / "cache" / f".extracting-not-{socket.gethostname()}-{dead_pid.pid}-b"
-    for folder in (running_here, other_host):
-        folder.mkdir(parents=True)
+    running = tmp_path / "cache" / ".extracting-running"
+    lock = WorkdirLock(str(running))  # held by this process, as a live extraction holds its own
+    lock.acquire()
     write_archive(tmp_path)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     cifar_data.extract(tmp_path / "cache")
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(
-        ["cifar10_jpeg", running_here.name, other_host.name]
-    )
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [".extracting-running", "cifar10_jpeg"]
+    lock.release()

@@ -8,14 +8,15 @@ extracted elsewhere (about 20 s).
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
+
+from workdir_lock import WorkdirBusy, WorkdirLock
 
 ARCHIVE = "cifar10_jpeg.tar.gz"
 # Where the study and the benchmarks keep their one extracted copy (tests use their own temporary one).
 CACHE = pathlib.Path.home() / ".cache" / "largebatch"
-# Prefix of the temporary folders extract() unpacks into, inside the cache: .extracting-<host>-<pid>-<random>.
+# Prefix of the temporary folders extract() unpacks into, inside the cache.
 _EXTRACTING = ".extracting-"
 
 
@@ -42,16 +43,19 @@ def extract(dest=CACHE) -> pathlib.Path:
     dest.mkdir(parents=True, exist_ok=True)
     if root.exists():  # a half copy unpacked in place, without test/
         shutil.rmtree(root)
-    prefix = f"{_EXTRACTING}{socket.gethostname()}-{os.getpid()}-"
-    with tempfile.TemporaryDirectory(dir=dest, prefix=prefix) as unpacked:
-        # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
-        # times file by file (60,000 of them). It refuses members outside dest, as filter="data" does.
-        subprocess.run(["tar", "-xzf", str(shared_archive()), "-C", unpacked, "--no-same-owner"], check=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=_EXTRACTING) as unpacked:
+        lock = WorkdirLock(unpacked)  # held while unpacking; the kernel drops it if this process dies
+        lock.acquire()
         try:
+            # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
+            # times file by file (60,000 of them). It refuses members outside dest, as filter="data" does.
+            subprocess.run(["tar", "-xzf", str(shared_archive()), "-C", unpacked, "--no-same-owner"], check=True)
             os.rename(pathlib.Path(unpacked) / root.name, root)
         except OSError:  # another process renamed its whole copy into place first
             if not (root / "test").is_dir():
                 raise
+        finally:
+            lock.release()
     return root
 
 
@@ -59,25 +63,18 @@ def remove_abandoned_extractions(dest) -> None:
     """Removes the temporary folders in dest of extractions whose process has died.
 
     A process killed outright (SIGKILL, a node's out-of-memory killer) cannot remove its own
-    folder. Each is named after its host and process id; only folders of this host whose
-    process is gone are removed, so an extraction still running here or on another host
-    sharing dest is left alone.
+    folder. Each extraction holds a WorkdirLock (flock) on its folder, which the kernel releases
+    when the process dies in any way; a folder whose lock can be taken is abandoned, and one
+    still locked, by a process here or on another host sharing dest, is left alone.
     """
-    host = socket.gethostname()
     for folder in pathlib.Path(dest).glob(f"{_EXTRACTING}*"):
-        owner, _, pid = folder.name[len(_EXTRACTING) :].rpartition("-")[0].rpartition("-")
-        if owner == host and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
+        lock = WorkdirLock(str(folder))
+        try:
+            lock.acquire()
+        except WorkdirBusy:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
 
 
 def subset(source, dest, per_class: dict[str, int]) -> pathlib.Path:
