@@ -200,7 +200,7 @@ def test_study_rejects_unknown_method_before_writing(tmp_path):
 
 
 def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
-    """--report on a hand-written CSV: one cell with three runs, one not run yet, and one Stage B run at
+    """--report on a hand-written CSV: one cell with three runs, one not run yet, and two Stage B runs at
     another budget; nothing is started."""
     out, page = tmp_path / "study", tmp_path / "study.md"
     readme = tmp_path / "README.md"
@@ -217,10 +217,11 @@ def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
                                  steps_to_target=steps, target=0.7, final_validation_top1=validation,
                                  test_top1=test, test_top5=0.98, final_train_loss=0.6, validation_split="x",
                                  config="c", wall_s=1))  # fmt: skip
-        writer.writerow(dict(method="sgd", batch=512, lr="0.8", lr_factor="1.0", epochs=30, steps=1170,
-                             steps_to_target="", target=0.7, final_validation_top1="0.71", test_top1="0.7",
-                             test_top5=0.98, final_train_loss=0.6, validation_split="x", config="c",
-                             wall_s=1))  # fmt: skip
+        for lr, validation, test, top5 in [("0.8", "0.71", "0.7", "0.98"), ("0.4", "0.6549", "0.6551", "0.9449")]:
+            writer.writerow(dict(method="sgd", batch=512, lr=lr, lr_factor="1.0", epochs=30, steps=1170,
+                                 steps_to_target="", target=0.7, final_validation_top1=validation, test_top1=test,
+                                 test_top5=top5, final_train_loss=0.6, validation_split="x", config="c",
+                                 wall_s=1))  # fmt: skip
     command = [sys.executable, "-m", "tools.study", f"--out={out}", "--methods=sgd", "--batches=128,512", "--report",
                f"--page={page}", f"--page={readme}", "--data_dir=/nonexistent", "--epochs=8",
                "--stage_b_batch=512", "--stage_b_epochs=30"]  # fmt: skip
@@ -233,7 +234,11 @@ def test_report_tabulates_the_runs_so_far_without_running(tmp_path):
     # The 30-epoch run is Stage B's, not this budget's: 512 is not run in either view, nor in the gaps.
     assert text.count("| 512 | not run yet |") == 3 and "| 128 | +0.0 |" in text
     stage_b = text.split("Stage B: batch 512 for 30 epochs")[1]
-    assert "| momentum SGD, linear scaling | not reached in 1170 (1 LRs) | 70.0 (71.0, 0.8, 1170) |" in stage_b, text
+    assert "| momentum SGD, linear scaling | not reached in 1170 (2 LRs) | 70.0 (71.0, 0.8, 1170) |" in stage_b, text
+    # Each Stage B run by learning rate, in percent to one decimal; 0.8 chosen on validation (71.0 > 65.5).
+    runs = stage_b.split("Each Stage B run (seed 0):")[1]
+    assert "| momentum SGD, linear scaling | 0.4 | not in 1170 | 65.5 | 65.5 | 94.5 |\n" in runs, text
+    assert "| momentum SGD, linear scaling | 0.8 (chosen) | not in 1170 | 71.0 | 70.0 | 98.0 |\n" in runs, text
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.csv", "steps_to_target.png"]
 
 

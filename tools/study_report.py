@@ -154,6 +154,27 @@ def stage_b_table(rows: list[dict], methods, args) -> str:
     return "\n".join(lines)
 
 
+def stage_b_runs_table(rows: list[dict], methods, args) -> str:
+    """Every Stage B run, a row each by method and learning rate; the one each method chose on validation
+    is marked. Empty before Stage B's first run."""
+    runs, batch = stage_rows(rows, args.stage_b_epochs), args.stage_b_batch
+    if not any(cell_rows(runs, m, batch) for m in methods):
+        return ""
+    lines = [
+        f"| method | LR | steps to {100 * args.target:g}% | final validation top-1 % | test top-1 % | test top-5 % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        sweep = cell_rows(runs, method, batch)
+        chosen = best_at_budget(sweep)
+        for run in sweep:
+            lr = run["lr"] + (" (chosen)" if run is chosen else "")
+            steps = run["steps_to_target"] or f"not in {run['steps']}"
+            percents = [f"{100 * float(run[c]):.1f}" for c in ("final_validation_top1", "test_top1", "test_top5")]
+            lines.append(f"| {METHODS[method]} | {lr} | {steps} | " + " | ".join(percents) + " |")
+    return "\n".join(lines)
+
+
 def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
     """The study section of each Markdown page: the tables of both stages and where they come from."""
     stage_a = stage_rows(rows, args.epochs)
@@ -171,6 +192,8 @@ def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
             "rate swept around Stage A's choice at that batch (it starts when Stage A is complete):\n\n"
             + stage_b_table(rows, methods, args)
         )
+        if runs_table := stage_b_runs_table(rows, methods, args):
+            text += "\n\nEach Stage B run (seed 0):\n\n" + runs_table
     text += f"\n\n_{len(rows)} runs, from `{csv_path}`._"
     for page in pages:
         replace_section(page, "study", text)
