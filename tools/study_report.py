@@ -158,12 +158,7 @@ def stage_b_runs_table(rows: list[dict], methods, args) -> str:
     """Every Stage B run, a row each by method and learning rate; the one each method chose on validation
     is marked. Empty before Stage B's first run."""
     runs, batch = stage_rows(rows, args.stage_b_epochs), args.stage_b_batch
-    if not any(cell_rows(runs, m, batch) for m in methods):
-        return ""
-    lines = [
-        f"| method | LR | steps to {100 * args.target:g}% | final validation top-1 % | test top-1 % | test top-5 % |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = []
     for method in methods:
         sweep = cell_rows(runs, method, batch)
         chosen = best_at_budget(sweep)
@@ -172,7 +167,12 @@ def stage_b_runs_table(rows: list[dict], methods, args) -> str:
             steps = run["steps_to_target"] or f"not in {run['steps']}"
             percents = [f"{100 * float(run[c]):.1f}" for c in ("final_validation_top1", "test_top1", "test_top5")]
             lines.append(f"| {METHODS[method]} | {lr} | {steps} | " + " | ".join(percents) + " |")
-    return "\n".join(lines)
+    if not lines:
+        return ""
+    heading = (
+        f"| method | LR | steps to {100 * args.target:g}% | final validation top-1 % | test top-1 % | test top-5 % |"
+    )
+    return "\n".join([heading, "|---|---|---|---|---|---|", *lines])
 
 
 def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
