@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -43,12 +44,17 @@ def files_under(folder) -> dict[str, bytes]:
     return {str(path.relative_to(folder.parent)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
+def entries(cache) -> list[str]:
+    """The names in cache, less the lock file that extract() keeps there."""
+    return sorted(path.name for path in cache.iterdir() if path.name != ".extracting.lock")
+
+
 def test_extract_unpacks_every_image(tmp_path, monkeypatch):
     write_archive(tmp_path)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     root = cifar_data.extract(tmp_path / "cache")
     assert files_under(root) == IMAGES
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["cifar10_jpeg"]
+    assert entries(tmp_path / "cache") == ["cifar10_jpeg"]
 
 
 def test_a_broken_archive_leaves_no_image_folder(tmp_path, monkeypatch):
@@ -59,7 +65,7 @@ def test_a_broken_archive_leaves_no_image_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     with pytest.raises(subprocess.CalledProcessError):
         cifar_data.extract(tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert entries(tmp_path / "cache") == []
 
     write_archive(tmp_path)
     assert files_under(cifar_data.extract(tmp_path / "cache")) == IMAGES
@@ -100,14 +106,14 @@ def test_an_extraction_killed_outright_is_cleared_by_the_next(tmp_path, monkeypa
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
-    [abandoned] = cache.iterdir()
+    [abandoned] = cache.glob(".extracting-*")
     assert json.loads((abandoned / "run.lock").read_text())["pid"] == process.pid
 
     (shared / cifar_data.ARCHIVE).unlink()
     write_archive(shared, images)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(shared))
     assert files_under(cifar_data.extract(cache)) == images
-    assert sorted(path.name for path in cache.iterdir()) == ["cifar10_jpeg"]
+    assert entries(cache) == ["cifar10_jpeg"]
 
 
 def test_extractions_still_running_are_left_alone(tmp_path, monkeypatch):
@@ -117,5 +123,33 @@ def test_extractions_still_running_are_left_alone(tmp_path, monkeypatch):
     write_archive(tmp_path)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     cifar_data.extract(tmp_path / "cache")
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [".extracting-running", "cifar10_jpeg"]
+    assert entries(tmp_path / "cache") == [".extracting-running", "cifar10_jpeg"]
     lock.release()
+
+
+def test_a_search_for_abandoned_folders_leaves_a_new_extraction_alone(tmp_path, monkeypatch):
+    # Another process's search for abandoned folders starts the moment this extraction has made
+    # its temporary folder (os.mkdir, as tempfile.mkdtemp calls it). It must not take that folder
+    # for abandoned: it has to wait until the folder is locked, and then leave it alone.
+    write_archive(tmp_path)
+    monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
+    cache = tmp_path / "cache"
+    made_folders, searches = [], []
+    mkdir = os.mkdir
+
+    def mkdir_then_search(path, *args, **kwargs):
+        mkdir(path, *args, **kwargs)
+        if pathlib.Path(path).name.startswith(".extracting-") and not searches:
+            made_folders.append(pathlib.Path(path))
+            searches.append(threading.Thread(target=cifar_data.remove_abandoned_extractions, args=(cache,)))
+            searches[0].start()
+            searches[0].join(timeout=2)  # long enough for a search that does not wait to end
+            assert pathlib.Path(path).is_dir(), "the search removed the folder of a running extraction"
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_search)
+    root = cifar_data.extract(cache)
+    searches[0].join(timeout=60)
+    assert not searches[0].is_alive()
+    assert files_under(root) == IMAGES
+    assert not made_folders[0].exists()
+    assert entries(cache) == ["cifar10_jpeg"]

@@ -5,6 +5,8 @@ in the folder named by $LARGEBATCH_SHARED_DATA; it is read-only there, so it is
 extracted elsewhere (about 20 s).
 """
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -18,6 +20,9 @@ ARCHIVE = "cifar10_jpeg.tar.gz"
 CACHE = pathlib.Path.home() / ".cache" / "largebatch"
 # Prefix of the temporary folders extract() unpacks into, inside the cache.
 _EXTRACTING = ".extracting-"
+# File in the cache whose lock is held while a temporary folder is made and locked, or while the
+# abandoned ones are looked for: a folder is never seen by the search before it is locked.
+_FOLDERS_LOCK = ".extracting.lock"
 
 
 def shared_archive() -> pathlib.Path:
@@ -37,25 +42,27 @@ def extract(dest=CACHE) -> pathlib.Path:
     """
     dest = pathlib.Path(dest)
     root = dest / "cifar10_jpeg"
+    dest.mkdir(parents=True, exist_ok=True)
     remove_abandoned_extractions(dest)
     if (root / "test").is_dir():
         return root
-    dest.mkdir(parents=True, exist_ok=True)
     if root.exists():  # a half copy unpacked in place, without test/
         shutil.rmtree(root)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=_EXTRACTING) as unpacked:
+    with _holding_folders_lock(dest):
+        unpacked = tempfile.mkdtemp(dir=dest, prefix=_EXTRACTING)
         lock = WorkdirLock(unpacked)  # held while unpacking; the kernel drops it if this process dies
         lock.acquire()
-        try:
-            # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
-            # times file by file (60,000 of them). It refuses members outside dest, as filter="data" does.
-            subprocess.run(["tar", "-xzf", str(shared_archive()), "-C", unpacked, "--no-same-owner"], check=True)
-            os.rename(pathlib.Path(unpacked) / root.name, root)
-        except OSError:  # another process renamed its whole copy into place first
-            if not (root / "test").is_dir():
-                raise
-        finally:
-            lock.release()
+    try:
+        # GNU tar: 20 s here against 70 s for tarfile.extractall, which sets owner, mode and
+        # times file by file (60,000 of them). It refuses members outside dest, as filter="data" does.
+        subprocess.run(["tar", "-xzf", str(shared_archive()), "-C", unpacked, "--no-same-owner"], check=True)
+        os.rename(pathlib.Path(unpacked) / root.name, root)
+    except OSError:  # another process renamed its whole copy into place first
+        if not (root / "test").is_dir():
+            raise
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
+        lock.release()
     return root
 
 
@@ -67,14 +74,30 @@ def remove_abandoned_extractions(dest) -> None:
     when the process dies in any way; a folder whose lock can be taken is abandoned, and one
     still locked, by a process here or on another host sharing dest, is left alone.
     """
-    for folder in pathlib.Path(dest).glob(f"{_EXTRACTING}*"):
-        lock = WorkdirLock(str(folder))
-        try:
-            lock.acquire()
-        except WorkdirBusy:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        lock.release()
+    with _holding_folders_lock(dest):
+        for folder in pathlib.Path(dest).glob(f"{_EXTRACTING}*"):
+            lock = WorkdirLock(str(folder))
+            try:
+                lock.acquire()
+            except WorkdirBusy:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.release()
+
+
+@contextlib.contextmanager
+def _holding_folders_lock(dest: pathlib.Path):
+    """Holds dest's lock on making and on clearing temporary folders; waits while another holds it.
+
+    Held for the moments of mkdtemp and the folder's own lock, not while unpacking, so
+    extractions still run side by side.
+    """
+    fd = os.open(dest / _FOLDERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor of the open file releases its flock
 
 
 def subset(source, dest, per_class: dict[str, int]) -> pathlib.Path:
