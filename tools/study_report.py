@@ -189,7 +189,7 @@ def update_pages(pages, rows: list[dict], methods, batches, args, csv_path):
     if stage_b_due(args, batches):
         text += (
             f"\n\nStage B: batch {args.stage_b_batch} for {args.stage_b_epochs:g} epochs, each method's learning "
-            "rate swept around Stage A's choice at that batch (it starts when Stage A is complete):\n\n"
+            "rate swept around Stage A's choice at that batch (run once Stage A is complete; one seed each):\n\n"
             + stage_b_table(rows, methods, args)
         )
         if runs_table := stage_b_runs_table(rows, methods, args):
