@@ -131,6 +131,8 @@ def test_a_search_for_abandoned_folders_leaves_a_new_extraction_alone(tmp_path, 
     # Another process's search for abandoned folders starts the moment this extraction has made
     # its temporary folder (os.mkdir, as tempfile.mkdtemp calls it). It must not take that folder
     # for abandoned: it has to wait until the folder is locked, and then leave it alone.
+    # The search runs in a thread: flock locks belong to open files, so it contends as another
+    # process would.
     write_archive(tmp_path)
     monkeypatch.setenv("LARGEBATCH_SHARED_DATA", str(tmp_path))
     cache = tmp_path / "cache"
