@@ -9,6 +9,7 @@ NFSv3 with its lock manager): it holds between hosts where the mount has locking
 `nolock` each host only sees its own locks.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,6 +21,15 @@ LOCK_FILE = "run.lock"
 
 class WorkdirBusy(ValueError):
     """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def held_in_turn(path):
+    """Holds an exclusive flock on the file at path (made if missing) for the with-block, waiting
+    while another process holds it: for short sections that processes must take one at a time."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file lets the lock go
 
 
 class WorkdirLock:

@@ -9,13 +9,14 @@ and the validation images held out of the training split.
 """
 
 import dataclasses
-import fcntl
 import math
 import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+import workdir_lock
 
 DATASETS = ("imagenet2012", "cifar10", "image_folder", "demo", "synthetic")
 
@@ -120,8 +121,7 @@ def _prepared_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
     """Prepares a generated data set under a file lock: processes of one job
     that start together on a fresh machine would otherwise all write it."""
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, ".largebatch_prepare.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with workdir_lock.held_in_turn(os.path.join(data_dir, ".largebatch_prepare.lock")):
         builder = make_builder()
         if not builder.is_prepared():
             tfds.disable_progress_bar()  # a few seconds of generation; the bars would be noise

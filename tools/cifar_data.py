@@ -5,15 +5,13 @@ in the folder named by $LARGEBATCH_SHARED_DATA; it is read-only there, so it is
 extracted elsewhere (about 20 s).
 """
 
-import contextlib
-import fcntl
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
 
-from workdir_lock import WorkdirBusy, WorkdirLock
+from workdir_lock import WorkdirBusy, WorkdirLock, held_in_turn
 
 ARCHIVE = "cifar10_jpeg.tar.gz"
 # Where the study and the benchmarks keep their one extracted copy (tests use their own temporary one).
@@ -48,7 +46,7 @@ def extract(dest=CACHE) -> pathlib.Path:
         return root
     if root.exists():  # a half copy unpacked in place, without test/
         shutil.rmtree(root)
-    with _holding_folders_lock(dest):
+    with held_in_turn(dest / _FOLDERS_LOCK):  # held for a moment: extractions unpack side by side
         unpacked = tempfile.mkdtemp(dir=dest, prefix=_EXTRACTING)
         lock = WorkdirLock(unpacked)  # held while unpacking; the kernel drops it if this process dies
         lock.acquire()
@@ -74,7 +72,7 @@ def remove_abandoned_extractions(dest) -> None:
     when the process dies in any way; a folder whose lock can be taken is abandoned, and one
     still locked, by a process here or on another host sharing dest, is left alone.
     """
-    with _holding_folders_lock(dest):
+    with held_in_turn(dest / _FOLDERS_LOCK):
         for folder in pathlib.Path(dest).glob(f"{_EXTRACTING}*"):
             lock = WorkdirLock(str(folder))
             try:
@@ -83,21 +81,6 @@ def remove_abandoned_extractions(dest) -> None:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             lock.release()
-
-
-@contextlib.contextmanager
-def _holding_folders_lock(dest: pathlib.Path):
-    """Holds dest's lock on making and on clearing temporary folders; waits while another holds it.
-
-    Held for the moments of mkdtemp and the folder's own lock, not while unpacking, so
-    extractions still run side by side.
-    """
-    fd = os.open(dest / _FOLDERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the last descriptor of the open file releases its flock
 
 
 def subset(source, dest, per_class: dict[str, int]) -> pathlib.Path:
