@@ -50,8 +50,24 @@ def manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
-    """Restores the checkpoint of `step` into the shapes, dtypes and shardings of `abstract_state`."""
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """Restores the checkpoint of `step` into the shapes, dtypes and shardings of `abstract_state`.
+
+    A checkpoint written before runs measured the gradient noise scale restores whole but for
+    its moving averages, which start from zero (steps.TrainState.noise_scale)."""
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax raises a plain ValueError for a tree that differs
+        if "noise_scale" not in str(e):
+            raise
+    without = abstract_state.replace(noise_scale={})
+    restore_args = ocp.checkpoint_utils.construct_restore_args(without)
+    # A manager of its own: `manager` has taken StandardRestore's handler for this checkpoint.
+    reader = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    state = reader.restore(step, args=ocp.args.PyTreeRestore(without, restore_args, partial_restore=True))
+    reader.close()
+    logging.warning("The checkpoint of step %d has no noise-scale averages: they start from zero.", step)
+    zeros = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype, device=x.sharding), abstract_state.noise_scale)
+    return state.replace(noise_scale=zeros)
 
 
 def restore_latest(manager: ocp.CheckpointManager, workdir: str, abstract_state):

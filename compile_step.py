@@ -25,16 +25,27 @@ from steps import FedStep, TrainState, on_mesh
 def jit_train_step(setup: Setup):
     """The jitted train step of the training loop: (state, batch, key) -> (state, metrics); donates the state."""
     step = steps.make_train_step(
-        setup.model,
+        _loss_fn(setup),
         setup.optimizer,
         setup.schedule,
-        setup.config,
-        setup.num_classes,
+        setup.config.batch_size,
         setup.mesh,
         setup.num_micro,
         run_setup.loop_kind(setup.config),
+        setup.noise,
     )
     return jax.jit(on_mesh(step, setup.mesh), donate_argnums=0)
+
+
+def jit_noise_probe(setup: Setup):
+    """The jitted noise-scale probe of runs of one micro-step (steps.make_noise_probe):
+    (state, batch, next_batch, key) -> the state's noise-scale averages after the probe."""
+    probe = steps.make_noise_probe(_loss_fn(setup), setup.optimizer, setup.config.batch_size, setup.noise)
+    return jax.jit(on_mesh(probe, setup.mesh))
+
+
+def _loss_fn(setup: Setup):
+    return steps.make_loss_fn(setup.model, setup.config, setup.num_classes)
 
 
 def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
@@ -117,14 +128,13 @@ def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.S
             compiled, local_devices, batch_bytes
         )
     start, micro_fn, finish = steps.make_fed_step_fns(
-        setup.model, setup.optimizer, setup.schedule, setup.config, setup.num_classes, setup.num_micro
+        _loss_fn(setup), setup.optimizer, setup.schedule, setup.config.batch_size, setup.num_micro, setup.noise
     )
-    start = jax.jit(start).lower(state).compile()
     replicated = NamedSharding(setup.mesh, P())
     carry = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(steps.initial_carry, state),
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(start, state)
     )
+    start = jax.jit(start).lower(state).compile()
     micro_fn = jax.jit(on_mesh(micro_fn, setup.mesh), donate_argnums=1)
     micro_fn = micro_fn.lower(state, carry, batch, key, jax.ShapeDtypeStruct([], jnp.int32)).compile()
     finish = jax.jit(on_mesh(finish, setup.mesh), donate_argnums=0).lower(state, carry).compile()
@@ -184,9 +194,7 @@ def step_gradient(setup: Setup, state: TrainState, batch: dict):
     Returns:
       The gradient pytree (mean over the global batch).
     """
-    fn = steps.make_grad_fn(
-        setup.model, setup.config, setup.num_classes, setup.mesh, setup.num_micro, run_setup.loop_kind(setup.config)
-    )
+    fn = steps.make_grad_fn(_loss_fn(setup), setup.mesh, setup.num_micro, run_setup.loop_kind(setup.config))
     sharding = NamedSharding(setup.mesh, P("data"))
     key = jax.random.key(setup.config.seed + 1)
     return jax.jit(on_mesh(fn, setup.mesh))(state, input_pipeline.to_global(batch, sharding), key)[0]

@@ -34,6 +34,8 @@ RANGES = {
     "trust_ratios_per_run": (lambda v: v >= 0, ">= 0 (0: trust_ratio_every_steps)"),
     "evaluations_per_run": (lambda v: v >= 0, ">= 0 (0: eval_every_*)"),
     "keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "noise_scale_every_steps": (lambda v: v >= 1, ">= 1"),
+    "noise_scale_window_steps": (lambda v: v >= 0, ">= 0 (0: 5% of the run)"),
 }
 
 

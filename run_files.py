@@ -13,6 +13,7 @@ from flax import traverse_util
 
 import checkpoints
 import lars
+import noise_scale
 import run_setup
 import trees
 from configs import default
@@ -76,16 +77,33 @@ def trust_ratio_record(step: int, metrics, mask: dict[str, str]) -> dict:
     param_norms = trees.flatten_with_paths(metrics["layer_param_norms"])
     grad_norms = trees.flatten_with_paths(metrics["layer_grad_norms"])
     ratios = trees.flatten_with_paths(metrics["trust_ratios"]) if "trust_ratios" in metrics else {}
+    noise = noise_scale.layer_scalars(metrics["noise_scale"])
     layers = {
         path: {
             "trust_ratio": float(ratios.get(path, 1.0)),
             "param_norm": float(param_norms[path]),
             "grad_norm": float(grad_norms[path]),
             "excluded": mask[path] != lars.LARS_RULE,
+            **noise.get(path, {}),
         }
         for path in mask
     }
     return {"step": step, "learning_rate": float(metrics["learning_rate"]), "layers": layers}
+
+
+# The per-layer figures of a trust-ratio record that TensorBoard shows, as "<figure>/<parameter path>".
+LAYER_SCALARS = ("trust_ratio", "param_norm", "grad_norm", "grad_noise_scale")
+
+
+def layer_tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A trust-ratio record's per-layer figures as TensorBoard scalars, grouped by figure:
+    {"trust_ratio/<parameter path>": ..., "param_norm/...", "grad_norm/...", "grad_noise_scale/..."}."""
+    return {
+        f"{name}/{path}": layer[name]
+        for name in LAYER_SCALARS
+        for path, layer in record["layers"].items()
+        if name in layer
+    }
 
 
 def open_logs(workdir: str, lead: bool):

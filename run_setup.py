@@ -20,6 +20,7 @@ import input_pipeline
 import lars
 import microbatch
 import models
+import noise_scale
 import optimizers
 import steps
 from models import layers, onednn
@@ -187,6 +188,11 @@ class Setup:
         return isinstance(self.train_step, steps.FedStep)
 
     @property
+    def noise(self) -> noise_scale.Settings:
+        """How the run measures the gradient noise scale."""
+        return noise_scale.settings(self.config, self.steps.total, self.num_micro)
+
+    @property
     def micro_size(self) -> int:
         """Examples per device per micro-step."""
         return self.config.batch_size // self.mesh.size // self.num_micro
@@ -280,6 +286,7 @@ def _init_fn(setup: Setup) -> Callable[[], TrainState]:
             params=params,
             batch_stats=variables.get("batch_stats", {}),
             opt_state=setup.optimizer.init(params),
+            noise_scale=noise_scale.init(params),
         )
 
     return init

@@ -18,6 +18,7 @@ import compile_step
 import input_pipeline
 import lars
 import models
+import noise_scale
 import optimizers
 import run_files
 import run_setup
@@ -54,6 +55,25 @@ class FiniteCheck:
                     f"non-finite loss or gradient at step {step + 1} (first non-finite gradient: {first}); "
                     f"{checkpoints.last_checkpoint(last_checkpoint)}. Lower learning_rate or raise warmup_epochs."
                 )
+
+
+class _Lookahead:
+    """An iterator that can show its next item without taking it (the noise-scale probe reads
+    the next step's batch)."""
+
+    def __init__(self, items):
+        self.items, self.ahead = iter(items), []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.ahead.pop() if self.ahead else next(self.items)
+
+    def peek(self):
+        if not self.ahead:
+            self.ahead.append(next(self.items))
+        return self.ahead[0]
 
 
 class _Stop:
@@ -104,7 +124,8 @@ def _log_layout(setup: Setup):
 
 def _scalars(metrics) -> dict[str, float]:
     keys = ("loss", "accuracy", "learning_rate", "grad_norm", "param_norm", "update_norm")
-    return {k: float(metrics[k]) for k in keys}
+    noise = noise_scale.scalars(jax.device_get(metrics["noise_scale"]), lars="trust_ratios" in metrics)
+    return {k: float(metrics[k]) for k in keys} | noise
 
 
 def _train_scalars(setup: Setup, metrics, done: int, step_time: float) -> dict[str, float]:
@@ -174,13 +195,14 @@ def train_and_evaluate(
     _log_layout(setup)
 
     train_step = setup.train_step
+    probe = compile_step.jit_noise_probe(setup) if setup.noise.probes else None
     eval_step = jax.jit(on_mesh(make_eval_step(setup.model, setup.num_classes), setup.mesh))
     dropout_key = jax.random.key(config.seed + 1)  # `step_gradient` uses the same key
     finite = FiniteCheck()
 
     start = int(state.step)
     micro_steps = setup.num_micro if setup.fed else 1
-    batches = (input_pipeline.to_global(b, sharding) for b in setup.data.train_batches(start, micro_steps))
+    batches = _Lookahead(input_pipeline.to_global(b, sharding) for b in setup.data.train_batches(start, micro_steps))
     result = {"step": start}
     last_time, last_step = time.perf_counter(), start
     previous_loss = None
@@ -189,7 +211,12 @@ def train_and_evaluate(
             if setup.fed:
                 state, metrics = train_step(state, batches, dropout_key)
             else:
-                state, metrics = train_step(state, next(batches), dropout_key)
+                batch = next(batches)
+                if probe is not None and setup.noise.probe_due(step, steps.total):
+                    # Waited for, so that at most two programs are in flight (see below).
+                    averages = jax.block_until_ready(probe(state, batch, batches.peek(), dropout_key))
+                    state = state.replace(noise_scale=averages)
+                state, metrics = train_step(state, batch, dropout_key)
             # At most this step and the one before in flight: JAX dispatches asynchronously, and a
             # loop that ran ahead would hold a batch per queued step (StepMemory counts two).
             jax.block_until_ready(previous_loss)
@@ -208,7 +235,9 @@ def train_and_evaluate(
             # Also the step after each checkpoint, so that a notebook can recompute
             # the logged ratios from that checkpoint whatever the two periods are.
             if done % steps.trust_ratio == 0 or last or (step % steps.checkpoint == 0 and step > 0):
-                trust_log.write(run_files.trust_ratio_record(done, jax.device_get(metrics), mask))
+                record = run_files.trust_ratio_record(done, jax.device_get(metrics), mask)
+                trust_log.write(record)
+                writer.write_scalars(done, run_files.layer_tensorboard_scalars(record))
             if done % steps.eval == 0 or last:
                 finite.check(manager.latest_step())
                 for split in setup.data.final_eval_splits if last else (setup.data.periodic_eval_split,):

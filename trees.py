@@ -32,10 +32,15 @@ def paths_in_insertion_order(tree: dict) -> list[str]:
     return list(traverse_util.flatten_dict(tree, sep="/"))
 
 
-def norm(x):
-    """The L2 norm of one tensor, summed in at least float32 (bfloat16 would lose it)."""
+def sq_norm(x):
+    """The squared L2 norm of one tensor, summed in at least float32 (bfloat16 would lose it)."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sqrt(jnp.sum(jnp.square(x)))
+    return jnp.sum(jnp.square(x))
+
+
+def norm(x):
+    """The L2 norm of one tensor (`sq_norm`'s square root)."""
+    return jnp.sqrt(sq_norm(x))
 
 
 def leaf_norms(tree):

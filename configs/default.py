@@ -95,6 +95,15 @@ def get_config():
 
     config.seed = 0
 
+    # The gradient noise scale B_simple of McCandlish et al. (noise_scale.py), logged with the
+    # train metrics: over the micro-steps of every step when there are several, else from a
+    # probe (two batches' gradients at the same parameters) every noise_scale_every_steps
+    # steps, which costs two gradient evaluations. Moving averages over
+    # noise_scale_window_steps (0 = 5% of the run, at least 10 steps).
+    config.noise_scale = True
+    config.noise_scale_every_steps = 100
+    config.noise_scale_window_steps = 0
+
     # Logging, evaluation, checkpoints.
     config.log_every_steps = 50
     config.trust_ratio_every_steps = 0  # 0 = log_every_steps

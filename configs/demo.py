@@ -24,4 +24,5 @@ def get_config():
     config.log_every_steps = 20
     config.eval_every_epochs = 10.0
     config.checkpoint_every_epochs = 10.0
+    config.noise_scale_every_steps = 10  # one micro-step: a probe every 10 steps (20% of the demo's time)
     return config

@@ -23,6 +23,7 @@ EDGES = {
     "trust_ratio_every_steps": (-1, 0), "eval_every_epochs": (math.nan, 0.0), "eval_every_steps": (-1, 0),
     "checkpoint_every_epochs": (-1.0, 0.0), "checkpoint_every_steps": (-1, 0), "keep_checkpoints": (0, 1),
     "logs_per_run": (-1, 0), "trust_ratios_per_run": (-1, 0), "evaluations_per_run": (-1, 0),
+    "noise_scale_every_steps": (0, 1), "noise_scale_window_steps": (-1, 0),
 }  # fmt: skip
 
 

@@ -24,6 +24,11 @@ arXiv:1811.03600; tools/study_report.py):
                     seeds (the test images are evaluated once, after the last
                     step, and choose nothing)
 
+Once Stage A is complete, each cell's fewest-steps run and its chosen run (seed 0) run again with
+the gradient noise scale in their logs (`noise_reruns_due`; rows in OUT/noise_scale.csv, logs in
+OUT/logs/<run>_noise/), for the comparison of the noise scale with the critical batch
+(tools/study_noise.py); --noise_reruns=0 leaves them out.
+
 Resumable: run the same command again. A run with a row in OUT/results.csv is
 skipped (the CSV and logs are committed after every run); an interrupted one
 resumes from its last checkpoint in OUT/runs (every epoch; not committed).
@@ -83,6 +88,10 @@ CENTRES = {
     ("sgd", 128): 0.8, ("sgd", 512): 3.2, ("sgd", 2048): 3.2, ("sgd", 8192): 0.2,
     ("lars", 128): 1.414, ("lars", 512): 2.828, ("lars", 2048): 5.657, ("lars", 8192): 2.828,
 }  # fmt: skip
+
+
+# Rows of the noise-scale reruns (`noise_reruns_due`), beside results.csv; their logs are OUT/logs/<run>_noise/.
+NOISE_CSV = "noise_scale.csv"
 
 
 BASE_BATCH = 128  # momentum SGD's learning rate 0.1 is for this batch
@@ -165,10 +174,11 @@ class Run(NamedTuple):
     factor: float  # lr over the centre of its cell's sweep
     seed: int
     epochs: float
+    noise: bool = False  # a rerun that measures the gradient noise scale (`noise_reruns_due`)
 
     @property
     def name(self) -> str:
-        return run_name(self.method, self.batch, self.lr, self.seed, self.epochs)
+        return run_name(self.method, self.batch, self.lr, self.seed, self.epochs) + ("_noise" if self.noise else "")
 
 
 def core_slots(jobs: int) -> list[set[int] | None]:
@@ -340,15 +350,49 @@ def due_runs(rows: list[dict], going: list[Run], methods, batches, factors, args
     return due
 
 
+def noise_rerun_rows(stage_a: list[dict], method: str, batch: int) -> list[dict]:
+    """The runs of a cell whose noise scale the study compares with the critical batch: the one that
+    reached the target in the fewest steps (the steps view that the fit of S(B) takes), then the one
+    chosen on validation, if another."""
+    cell = cell_rows(stage_a, method, batch)
+    runs = [r for r in (fewest_steps(cell), best_at_budget(cell)) if r is not None]
+    return [r for i, r in enumerate(runs) if r["lr"] not in {o["lr"] for o in runs[:i]}]
+
+
+def noise_reruns_due(rows, noise_rows, going: list[Run], methods, batches, factors, args) -> list[Run]:
+    """Once Stage A is complete: each cell's `noise_rerun_rows` again, seed 0, with the runs' logs now
+    holding the gradient noise scale (runs that predate it have none); those not in NOISE_CSV nor going.
+    Training is the same as the original's (the statistic does not change it), on this machine's CPU."""
+    stage_a = stage_rows(rows, args.epochs)
+    if not stage_a_complete(stage_a, methods, batches, factors, args):
+        return []
+    done = {(r["method"], int(r["batch"]), float(r["lr"])) for r in noise_rows}
+    busy = {(r.method, r.batch, r.lr) for r in going if r.noise}
+    first, then = [], []  # every cell's fewest-steps run comes before any chosen one
+    for batch in batches:
+        for method in methods:
+            for i, row in enumerate(noise_rerun_rows(stage_a, method, batch)):
+                key = (method, batch, float(row["lr"]))
+                if key not in done | busy:
+                    run = Run(method, batch, key[2], float(row["lr_factor"]), 0, args.epochs, noise=True)
+                    (then if i else first).append(run)
+    return first + then
+
+
 def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
     """Runs what is due (`due_runs`), up to --jobs runs at a time, each on its own part of the cores, until
-    nothing is due. A row is added to the CSV after each run, so an interruption keeps it. A failed run
-    stops the others (they checkpoint on SIGTERM and resume next time)."""
+    nothing is due. A row is added to the CSV after each run (a noise-scale rerun's to NOISE_CSV beside it),
+    so an interruption keeps it. A failed run stops the others (they checkpoint on SIGTERM and resume next time)."""
+    noise_csv = pathlib.Path(csv_path).parent / NOISE_CSV
     slots = core_slots(args.jobs)
     going: dict[int, tuple[Run, subprocess.Popen, float]] = {}  # slot -> run, its process, its start
     while True:
         free = [slot for slot in range(len(slots)) if slot not in going]
-        for slot, run in zip(free, due_runs(rows, [g[0] for g in going.values()], methods, batches, factors, args)):
+        runs = [g[0] for g in going.values()]
+        due = due_runs(rows, runs, methods, batches, factors, args)
+        if args.noise_reruns:
+            due += noise_reruns_due(rows, read_csv(noise_csv), runs, methods, batches, factors, args)
+        for slot, run in zip(free, due):
             going[slot] = (run, start_run(run, args, slots[slot]), time.time())
         if not going:
             return rows
@@ -365,7 +409,8 @@ def sweep(rows, methods, batches, factors, args, csv_path) -> list[dict]:
                 other.terminate()
                 other.wait()
             raise
-        write_csv(read_csv(csv_path) + [row], csv_path)
+        target = noise_csv if run.noise else csv_path
+        write_csv(read_csv(target) + [row], target)
         rows = read_csv(csv_path)
 
 
@@ -409,6 +454,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each pinned to an equal part of the cores (>1)"
+    )
+    parser.add_argument(
+        "--noise_reruns",
+        type=int,
+        default=1,
+        help="1: once Stage A is complete, rerun each cell's fewest-steps and chosen runs with the noise scale",
     )
     parser.add_argument("--report", action="store_true", help="only the plots and tables of the runs so far")
     parser.add_argument(
