@@ -36,7 +36,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import trees
 
@@ -181,17 +180,3 @@ def _figures(grad_sq: float, trace: float, suffix: str = "") -> dict[str, float]
     if grad_sq > 0 and math.isfinite(trace):
         out[f"grad_noise_scale{suffix}"] = trace / grad_sq
     return out
-
-
-def tradeoff(batch: float | np.ndarray, critical_batch: float):
-    """Steps relative to S_min and examples relative to E_min at `batch`, from
-    (S / S_min - 1)(E / E_min - 1) = 1 with B_crit = `critical_batch`.
-
-    Returns:
-      (S / S_min, E / E_min) = (1 + B_crit / B, 1 + B / B_crit).
-
-    References:
-      McCandlish et al., arXiv:1812.06162, equation 2.11.
-    """
-    batch = np.asarray(batch, np.float64)
-    return 1.0 + critical_batch / batch, 1.0 + batch / critical_batch

@@ -5,6 +5,7 @@ against PyTorch CPU eager (float32 and bfloat16 autocast) on the same networks.
     python -m bench.bench_step            # 3 models x 2 batch sizes
     python -m bench.bench_step --quick    # 1 batch size per model, 3 timed steps
     python -m bench.bench_step --quick --max_isa AVX2   # as an AVX2-only CPU runs it
+    python -m bench.bench_step --noise_scale   # what the gradient noise scale costs the step
 
 Ours is the training loop's own step (run_setup.prepare_model + compile_step.jit_train_step
 from the model's configs/ file: forward, backward, LARS, metrics, non-finite
@@ -67,9 +68,25 @@ class Cell:
     # glibc's malloc keeps freed memory (host_memory.py), as main.py has it. PyTorch gets it too:
     # its CPU allocator returns large blocks to the kernel as XLA's does, and gains as much.
     keep_memory: bool = True
+    noise_scale: bool = True  # ours: the step measures the gradient noise scale (with micro-steps)
+    microbatch_size: int = -1  # ours: the config's own when < 0
+
+
+# --noise_scale: the cost of the gradient noise scale, on the study's three cells (configs/cifar10_study.py:
+# CIFAR ResNet-8, 256 images per micro-step, ghost BatchNorm of 64) and on ResNet-50 with one micro-step
+# (the probe measures) and with four (the micro-steps measure). (model, config, batch, microbatch_size)
+NOISE_CELLS = [
+    ("cifar_resnet8", "cifar10_study", 128, 128),
+    ("cifar_resnet8", "cifar10_study", 2048, 256),
+    ("cifar_resnet8", "cifar10_study", 8192, 256),
+    ("resnet50", "resnet50_lars", 16, 16),
+    ("resnet50", "resnet50_lars", 64, 16),
+]
 
 
 def model(name: str) -> Model:
+    if name == "cifar_resnet8":  # the study's network (--noise_scale only)
+        return Model("cifar_resnet8", "cifar10_study", 32, 10, (), 0)
     return next(m for m in MODELS if m.name == name)
 
 
@@ -104,6 +121,7 @@ def measure(cell: Cell) -> float:
 
 
 def time_ours(cell: Cell) -> float:
+    """Our training step; who "probe": the noise-scale probe of runs of one micro-step."""
     import importlib
 
     import jax
@@ -117,6 +135,9 @@ def time_ours(cell: Cell) -> float:
     spec = model(cell.model)
     config = importlib.import_module(f"configs.{spec.config}").get_config()
     config.update(batch_size=cell.batch, eval_batch_size=cell.batch, conv_impl=cell.conv_impl, dtype=cell.dtype)
+    config.noise_scale = cell.noise_scale
+    if cell.microbatch_size >= 0:
+        config.microbatch_size = cell.microbatch_size
     setup = run_setup.prepare_model(config, spec.classes, num_train=1_281_167)
     state, step = run_setup.init_state(setup), compile_step.jit_train_step(setup)
     sharding = NamedSharding(setup.mesh, P("data"))
@@ -126,6 +147,9 @@ def time_ours(cell: Cell) -> float:
         "label": jax.device_put(rng.integers(0, spec.classes, cell.batch).astype(np.int32), sharding),
     }
     key = jax.random.key(0)
+    if cell.who == "probe":
+        probe = compile_step.jit_noise_probe(setup)
+        step = lambda state, batch, key: (state, {"loss": probe(state, batch, batch, key)})  # noqa: E731
     times = []
     for _ in range(cell.steps + 1):
         start = time.perf_counter()
@@ -133,6 +157,26 @@ def time_ours(cell: Cell) -> float:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
     return min(times[1:])
+
+
+def noise_scale_table(steps: int):
+    """The cost of the gradient noise scale: the step with it and without, and the probe amortised
+    over its period (configs/default.py's noise_scale_every_steps), in one run per cell."""
+    from configs import default
+
+    every = default.get_config().noise_scale_every_steps
+    print("| model | batch | micro-steps | step without (s) | step with (s) | probe (s) | cost of the noise scale |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for name, _, batch, micro in NOISE_CELLS:
+        cell = dict(model=name, batch=batch, steps=steps, microbatch_size=micro)
+        without = measure(Cell(who="ours", noise_scale=False, **cell))
+        with_it = measure(Cell(who="ours", **cell))
+        num_micro = batch // micro
+        probe = measure(Cell(who="probe", **cell)) if num_micro == 1 else 0.0
+        cost = (with_it + probe / every) / without - 1
+        probe_text = f"{probe:.3f} every {every} steps" if probe else "-"
+        print(f"| {name} | {batch} | {num_micro} | {without:.3f} | {with_it:.3f} | {probe_text} | {100 * cost:+.1f}% |",
+              flush=True)  # fmt: skip
 
 
 def time_torch(cell: Cell) -> float:
@@ -186,7 +230,7 @@ def run_cell(cell: Cell) -> float:
         import host_memory
 
         host_memory.keep_freed_memory()
-    if cell.who == "ours":
+    if cell.who in ("ours", "probe"):
         return time_ours(cell)
     if cell.who == "torch":
         return time_torch(cell)
@@ -199,6 +243,7 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="timed steps per cell (default 5, quick 3)")
     parser.add_argument("--models", default=",".join(m.name for m in MODELS))
     parser.add_argument("--max_isa", choices=["AVX2"], help="run every cell as on a CPU with this ISA at most")
+    parser.add_argument("--noise_scale", action="store_true", help="only the cost of the gradient noise scale")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # TensorFlow (the input pipeline's import, here and in every cell) as main.py has it: without its
@@ -214,6 +259,9 @@ def main():
     import run_setup
 
     steps = args.steps or (3 if args.quick else 5)
+    if args.noise_scale:
+        print(f"{cpu_description()}; best of {steps} steps", flush=True)
+        return noise_scale_table(steps)
     peak = matmul_peak()
     from models import onednn
 

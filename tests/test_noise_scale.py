@@ -17,6 +17,7 @@ from tensorboard.util import tensor_util
 from test_train import REPO, flags, metrics, run_main
 
 import noise_scale
+from tools import critical_batch
 from tools.launch import free_port
 
 FIGURES = ("grad_sq_true", "grad_cov_trace", "grad_noise_scale", "grad_sq_true_lars", "grad_cov_trace_lars",
@@ -38,10 +39,87 @@ def test_estimates_recover_both_terms_from_expected_norms():
 
 def test_tradeoff_is_mccandlish_steps_and_examples():
     """(S / S_min - 1)(E / E_min - 1) = 1 with B_crit = E_min / S_min: 2x both at B = B_crit."""
-    steps, examples = noise_scale.tradeoff(np.array([250.0, 1000.0, 4000.0]), 1000.0)
+    steps, examples = critical_batch.tradeoff(np.array([250.0, 1000.0, 4000.0]), 1000.0)
     np.testing.assert_allclose(steps, [5.0, 2.0, 1.25])
     np.testing.assert_allclose(examples, [1.25, 2.0, 5.0])
     np.testing.assert_allclose((steps - 1) * (examples - 1), 1.0)
+
+
+def test_fit_recovers_the_critical_batch_of_steps_on_the_model():
+    """Steps from S(B) = S_min (1 + B_crit / B) exactly give back S_min and B_crit; the study's steps to
+    70% (docs/study.md) give LARS ~4,400 and SGD ~2,100 as fitted by hand in log space."""
+    batches = np.array([128, 512, 2048, 8192])
+    s_min, b_crit = critical_batch.fit_steps(batches, 150.0 * (1 + 3000.0 / batches))
+    assert (s_min, b_crit) == pytest.approx((150.0, 3000.0), rel=1e-6)
+    assert critical_batch.fit_steps([128, 2048, 8192], [3325, 300, 144])[1] == pytest.approx(4429, rel=1e-3)
+    assert critical_batch.fit_steps([128, 2048, 8192], [2800, 270, 206])[1] == pytest.approx(2113, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_critical_batch_reads_the_demo_workdir(demo_run, tmp_path):
+    """The README's command on the README's demo: B_simple where top-1 first reached 80%, and its tradeoff."""
+    workdir, code, output = demo_run
+    assert code == 0, output[-3000:]
+    plot = tmp_path / "b.png"
+    command = [sys.executable, "-m", "tools.critical_batch", str(workdir), "--accuracy=0.8", "--batch=256",
+               "--batch=4096", f"--plot={plot}"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    step = next(r["step"] for r in records if r["kind"] == "eval" and r["eval_top1"] >= 0.8)
+    logged = min((r for r in records if "grad_noise_scale" in r), key=lambda r: abs(r["step"] - step))
+    b_simple, lars = logged["grad_noise_scale"], logged["grad_noise_scale_lars"]
+    assert f"B_simple = {b_simple:,.0f} ({lars:,.0f} as LARS sees it)" in done.stdout
+    for batch in (256, 4096):
+        assert f"{batch:>7}   {1 + b_simple / batch:>13.2f}   {1 + batch / b_simple:>14.2f}" in done.stdout
+    assert plot.stat().st_size > 10_000
+
+
+def test_consecutive_steps_would_bias_the_noise_scale_where_the_probe_does_not():
+    """The candidates for runs of one micro-step, on least squares (d = 64, s = 1) trained by momentum
+    SGD (LR 0.1, momentum 0.9, batch 128, 2,000 steps, float64), against the exact figures at each step:
+    two batches at the same parameters (the probe) and two halves of one batch are unbiased; the
+    gradients of consecutive steps (b = B, 2B from the step and the next) are not, since the parameters
+    move between them: |G|^2 comes out ~23% low and tr(Sigma) ~13% high (docs/noise_scale.md)."""
+    rng = np.random.default_rng(0)
+    dim, batch, lr, momentum = 64, 128, 0.1, 0.9
+    w_star = rng.normal(size=dim)
+    start = rng.normal(size=dim)
+    w, velocity = w_star + 3 * start / np.linalg.norm(start), np.zeros(dim)
+
+    def gradient(w, n):
+        x = rng.normal(size=(n, dim))
+        return x.T @ (x @ (w - w_star) - rng.normal(size=n)) / n
+
+    def exact(a):
+        return np.array([a @ a, (dim + 1) * (a @ a) + dim])
+
+    def sq(v):
+        return float(v @ v)
+
+    # Estimates and exact figures summed over the run; the consecutive pairs' exact figures are the
+    # mean of their two steps'.
+    sums = {k: np.zeros(2) for k in ("exact", "probe", "halves", "pairs exact", "consecutive")}
+    previous = None
+    for _ in range(2000):
+        a = w - w_star
+        halves = [gradient(w, batch // 2) for _ in range(2)]
+        g, other = np.mean(halves, axis=0), gradient(w, batch)
+        sums["exact"] += exact(a)
+        sums["probe"] += noise_scale.estimates((sq(g) + sq(other)) / 2, sq((g + other) / 2), batch, 2 * batch)
+        sums["halves"] += noise_scale.estimates((sq(halves[0]) + sq(halves[1])) / 2, sq(g), batch // 2, batch)
+        if previous is not None:
+            previous_a, previous_g = previous
+            sums["pairs exact"] += (exact(previous_a) + exact(a)) / 2
+            pair = ((sq(previous_g) + sq(g)) / 2, sq((previous_g + g) / 2))
+            sums["consecutive"] += noise_scale.estimates(*pair, batch, 2 * batch)
+        previous = a, g
+        velocity = momentum * velocity + lr * g
+        w = w - velocity
+    scale = {k: v[1] / v[0] for k, v in sums.items()}
+    assert abs(scale["probe"] / scale["exact"] - 1) < TOLERANCE
+    assert abs(scale["halves"] / scale["exact"] - 1) < TOLERANCE
+    assert scale["consecutive"] / scale["pairs exact"] > 1.25
 
 
 def assert_exact(got: dict, batch_size: int):

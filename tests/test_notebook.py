@@ -28,6 +28,7 @@ def runs(cifar10_small, tmp_path_factory):
         config.update(
             data_dir=str(cifar10_small), model="cifar_resnet8", num_train_steps=4, log_every_steps=1,
             trust_ratio_every_steps=1, checkpoint_every_steps=2, eval_every_steps=4, eval_batch_size=100,
+            noise_scale_every_steps=1,
         )  # fmt: skip
         workdir = tmp_path_factory.mktemp(f"batch{batch}")
         train.train_and_evaluate(config, str(workdir))
@@ -57,7 +58,7 @@ def test_notebook_runs_and_live_ratios_match_the_log(runs):
     # Checkpoint 2 and the record of step 3: the same gradient, recomputed.
     assert result["step"] == 2
     assert result["diff"] < 1e-4
-    assert len(images) >= 6  # curves, 4 plots, the overlay
+    assert len(images) >= 7  # curves, the noise scale, 4 plots, the overlay
 
 
 def test_notebook_runs_on_the_demo_workdir(demo_run):

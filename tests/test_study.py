@@ -59,7 +59,10 @@ def test_a_cell_is_the_config_at_its_batch_with_its_optimizer_and_learning_rate(
 @pytest.mark.slow
 def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     out, page = tmp_path / "study", tmp_path / "study.md"
-    page.write_text("# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\nafter\n")
+    page.write_text(
+        "# x\n\n<!-- study:begin -->\nold table\n<!-- study:end -->\n\n"
+        "<!-- critical-batch:begin -->\n<!-- critical-batch:end -->\n\nafter\n"
+    )
     # Stage A: one cell (LARS, batch 64), 3 LRs, then the best LR's seed 1; Stage B: the same batch
     # at another budget (100 epochs), 3 LRs around Stage A's choice. 2,000 training images, 100 held
     # out; 6 steps per run, validation after each. Two runs at a time, each on half the cores.
@@ -146,11 +149,26 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     b_text = f"{b_test:.1f} ({b_validation:.1f}, {b_best['lr']}, 6)"
     assert "| LARS | " in text and b_text in text.split("Stage B")[1], text
     assert "old table" not in text and text.endswith("after\n")
+    # The noise-scale reruns, after Stage A: the fewest-steps run and the chosen one (the same run when
+    # one LR is both), again with their logs; tools.critical_batch reads them.
+    with open(out / "noise_scale.csv") as f:
+        noise_rows = list(csv.DictReader(f))
+    reached = [r for r in sweep if r["steps_to_target"]]
+    fewest = min(reached, key=lambda r: (int(r["steps_to_target"]), -float(r["final_validation_top1"])), default=None)
+    wanted = {best["lr"]} | ({fewest["lr"]} if fewest else set())
+    assert {r["lr"] for r in noise_rows} == wanted and all(r["seed"] == "0" for r in noise_rows)
+    rerun = out / "logs" / f"lars_b64_lr{float(noise_rows[0]['lr']):g}_noise"
+    logged = [r for r in read_jsonl(rerun / "metrics.jsonl") if r["kind"] == "train"]
+    assert all("grad_noise_scale" in r for r in logged[1:])
+    report = subprocess.run([sys.executable, "-m", "tools.critical_batch", str(rerun), f"--plot={tmp_path / 'b.png'}"],
+                            cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert report.returncode == 0 and f"B_simple = {logged[-1]['grad_noise_scale']:,.0f}" in report.stdout
+    assert "The gradient noise scale B_simple" in text and "noise-scale reruns" in text
     # Each run's output in its own file; main.py saw half the cores (its oneDNN threads).
     threads = len(os.sched_getaffinity(0)) // 2
     logs = [log.read_text() for log in (out / "runs").glob("*.log")]
-    assert len(logs) == 7 and all(f", {threads} OpenMP thread(s) per device." in log for log in logs)
-    for image in ("steps_to_target.png", "accuracy.png", "trust_ratios.png"):
+    assert len(logs) == 7 + len(noise_rows) and all(f", {threads} OpenMP thread(s) per device." in log for log in logs)
+    for image in ("steps_to_target.png", "accuracy.png", "trust_ratios.png", "noise_scale.png"):
         assert matplotlib.image.imread(out / image).std() > 0
 
     # Interrupted sweep: a run without a row (its checkpoints kept) and finished runs without

@@ -199,9 +199,10 @@ def _wait_for(predicate, process, timeout=300):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
+    # The noise scale's probe every 3 steps: its moving averages resume with the rest of the state.
     overrides = dict(
         data_dir=cifar10_small, model="cifar_resnet8", batch_size=64, num_train_steps=16, checkpoint_every_steps=4,
-        eval_every_steps=1000, log_every_steps=1,
+        eval_every_steps=1000, log_every_steps=1, noise_scale_every_steps=3,
     )  # fmt: skip
     args = flags("configs/cifar10_lars.py", overrides)
     code, output = run_main(args, tmp_path / "straight")
@@ -229,6 +230,8 @@ def test_sigkill_then_resume_is_bit_identical(cifar10_small, tmp_path):
         ]
     trust = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / run_files.TRUST_RATIOS_FILE).open()]  # noqa: E731
     assert trust("killed") == trust("straight")
+    noise = lambda run: [(r["step"], r.get("grad_noise_scale")) for r in metrics(tmp_path / run)]  # noqa: E731
+    assert noise("killed") == noise("straight") and noise("straight")[-1][1] is not None
 
     config = cifar_config(cifar10_small, **overrides)
     straight = leaves(run_files.restore_state(config, tmp_path / "straight")[1])

@@ -62,7 +62,7 @@ import time
 from typing import NamedTuple
 
 from configs import cifar10_lars, cifar10_study
-from tools import cifar_data, study_report
+from tools import cifar_data, study_noise, study_report
 from tools.study_report import (
     METHODS,
     best_at_budget,
@@ -433,6 +433,7 @@ def report(rows, methods, batches, args, out, csv_path):
     if "lars" in methods and all(chosen):
         logs = [out / "logs" / run_name("lars", int(r["batch"]), float(r["lr"]), epochs=args.epochs) for r in chosen]
     study_report.write(rows, methods, batches, args, out, csv_path, logs)
+    study_noise.write(rows, read_csv(out / NOISE_CSV), methods, batches, args, out)
 
 
 def parse_args(argv=None):

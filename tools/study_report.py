@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools import plot_trust_ratios  # noqa: E402
+from tools import critical_batch, plot_trust_ratios  # noqa: E402
 from tools.markdown import replace_section  # noqa: E402
 
 METHODS = {
@@ -42,6 +42,18 @@ def fewest_steps(rows: list[dict]) -> dict | None:
 def best_at_budget(rows: list[dict]) -> dict | None:
     """The run of a cell with the best final validation top-1 (the test set chooses nothing)."""
     return max(rows, key=lambda r: float(r["final_validation_top1"]), default=None)
+
+
+def fits(stage_a: list[dict], methods, batches) -> dict[str, tuple[list[tuple[int, int]], float, float]]:
+    """{method: ([(batch, fewest steps to target)], S_min, B_crit)} for the methods with every batch
+    reaching the target (at least two batches)."""
+    out = {}
+    for method in methods:
+        points = [(b, fewest_steps(cell_rows(stage_a, method, b))) for b in batches]
+        points = [(b, int(r["steps_to_target"])) for b, r in points if r is not None]
+        if len(points) == len(batches) >= 2:
+            out[method] = (points, *critical_batch.fit_steps(*zip(*points)))
+    return out
 
 
 def stage_rows(rows: list[dict], epochs: float) -> list[dict]:
@@ -204,19 +216,28 @@ def budget(args) -> str:
 
 
 def plot_steps_to_target(rows, methods, batches, target, path):
+    """Fewest steps to target against batch size, with perfect scaling (dotted) and, where every batch
+    reached it, the fit of S(B) = S_min (1 + B_crit / B) (dashed)."""
     fig, ax = plt.subplots(figsize=plot_trust_ratios.FIGSIZE, dpi=plot_trust_ratios.DPI)
+    fitted = fits(rows, methods, batches)
     for method in methods:
         points = [(b, fewest_steps(cell_rows(rows, method, b))) for b in batches]
         points = [(b, int(r["steps_to_target"])) for b, r in points if r]
         if points:
             ax.plot(*zip(*points), marker="o", label=METHODS[method])
+            color = ax.lines[-1].get_color()
             b0, s0 = points[0]
-            ax.plot(batches, [s0 * b0 / b for b in batches], ls=":", color=ax.lines[-1].get_color(), lw=1)
+            ax.plot(batches, [s0 * b0 / b for b in batches], ls=":", color=color, lw=1)
+        if method in fitted:
+            _, s_min, b_crit = fitted[method]
+            grid = np.geomspace(min(batches), max(batches), 50)
+            ax.plot(grid, s_min * (1 + b_crit / grid), ls="--", color=color, lw=1,
+                    label=f"{METHODS[method]}: fit, B_crit {b_crit:,.0f}")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global batch size")
     ax.set_ylabel(f"steps to {100 * target:g}% validation top-1")
-    ax.set_title("CIFAR-10: steps to target (dotted: perfect scaling from the smallest batch)")
+    ax.set_title("CIFAR-10: steps to target (dotted: perfect scaling; dashed: S_min (1 + B_crit / B))")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.savefig(path)
