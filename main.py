@@ -84,12 +84,17 @@ def _quiet_environment():
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
-def _drop_closed_loop_callbacks(unraisable):
-    """sys.unraisablehook: after a checkpoint write fails (a full disk), TensorStore's pending writes
-    still complete and call back into orbax's event loop, which has closed; Python reports each
-    as an unraisable 'Event loop is closed'. The run's error line names the failure; others pass."""
+def _drop_reported_checkpoint_errors(unraisable):
+    """sys.unraisablehook for what orbax leaves behind after a failure that the run reports itself:
+    after a checkpoint write fails (a full disk), TensorStore's pending writes still complete and
+    call back into orbax's event loop, which has closed ('Event loop is closed'); after a read of a
+    damaged checkpoint fails, orbax's other reads of it end in coroutines whose exceptions nobody
+    awaits (reported when they are collected, as many as the checkpoint has arrays). The run's
+    warning or error line names the failure; other unraisable errors pass."""
     closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-    if not closed:
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed or orbax_read):
         sys.__unraisablehook__(unraisable)
 
 
@@ -109,18 +114,45 @@ def _config_error_message(error: Exception) -> str:
     return text
 
 
+def _config_file_error(error: BaseException, argv: list[str]) -> str | None:
+    """'config file F, line N: Error: what' when `error` (or an error it wraps) was raised by the code of
+    the --config file itself (a syntax error, a NameError, an exception in get_config); else None."""
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if value is None:
+        return None
+    path = value if os.path.isfile(value) else value.rsplit(":", 1)[0]  # FILE or FILE:variant
+    path = os.path.abspath(path)
+    while error is not None:
+        if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
+            return f"config file {path}, line {error.lineno}: {type(error).__name__}: {error.msg}"
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == path]
+        if frames:
+            return f"config file {path}, line {frames[-1].lineno}: {type(error).__name__}: {error}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _flag_error_message(error: Exception) -> str | None:
+    """One line for a flag or config override that absl or ml_collections refused; None for other errors."""
+    if isinstance(error, flags.Error):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # A config file that raised while loading: the flag and the exception, not its traceback.
+        return f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else lines[0]
+    if isinstance(error, (AttributeError, KeyError, OSError, TypeError, ValueError)):  # from loading the config
+        return _config_error_message(error)
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with one `error:` line (exit 2) instead of a traceback."""
     try:
         remaining = FLAGS(argv)
         FLAGS.config.keys()  # config_flags reports a file that failed to load on first use
         return remaining
-    except flags.Error as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        # A config file that raised while loading: the flag and the exception, not its traceback.
-        message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else lines[0]
-    except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:  # from loading the config
-        message = _config_error_message(e)
+    except Exception as e:  # a config file may raise anything while it loads
+        message = _config_file_error(e, argv) or _flag_error_message(e)
+        if message is None:
+            raise
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_CONFIG)
 
@@ -194,7 +226,7 @@ def main(argv):
         return EXIT_CONFIG
     if not FLAGS.verbose:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
-        sys.unraisablehook = _drop_closed_loop_callbacks
+        sys.unraisablehook = _drop_reported_checkpoint_errors
     try:
         check_workdir(FLAGS.workdir)
     except ValueError as e:

@@ -148,6 +148,7 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         builder = tfds.ImageFolder(data_dir)
         if not builder.info.splits:
             raise ValueError(f"image_folder: no <split>/<class>/<image> files under {data_dir!r}.")
+        _check_classes(data_dir, list(builder.info.splits))
         return builder
     data_dir = _default_data_dir(data_dir)
     if dataset == "demo":
@@ -166,6 +167,33 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
             "point dataset='image_folder' and data_dir at a folder of <split>/<class>/<image> files."
         ) from e
     return builder
+
+
+def _class_folders(data_dir: str, split: str) -> set[str]:
+    """The class folders of an image folder's split that hold at least one file."""
+    root = os.path.join(data_dir, split)
+    return {
+        name
+        for name in tf.io.gfile.listdir(root)
+        if tf.io.gfile.isdir(os.path.join(root, name)) and tf.io.gfile.listdir(os.path.join(root, name))
+    }
+
+
+def _check_classes(data_dir: str, splits: list[str]):
+    """Raises ValueError naming a class of an evaluation split that the training split lacks: training
+    would never see it, and every one of its images would count as an error."""
+    if "train" not in splits:
+        return
+    trained = _class_folders(data_dir, "train")
+    for split in sorted(set(splits) - {"train"}):
+        unseen = sorted(_class_folders(data_dir, split) - trained)
+        if unseen:
+            folders = ", ".join(os.path.join(data_dir.rstrip("/"), split, name) for name in unseen)
+            raise ValueError(
+                f"image_folder: {split}/ has class(es) {unseen} that train/ lacks ({folders}); training never sees "
+                f"them and every one of their images would count as an error. Add their training images or remove "
+                "the folder(s)."
+            )
 
 
 def _eval_split(builder) -> str:

@@ -112,7 +112,8 @@ def find_corrupt_image(records: tf.data.Dataset, info: DatasetInfo) -> str | Non
 
 
 def numpy_batches(ds: tf.data.Dataset, records: tf.data.Dataset, info: DatasetInfo) -> Iterator[dict]:
-    """Iterates a dataset as NumPy; a decoding failure names the bad file."""
+    """Iterates a dataset as NumPy; a decoding failure names the bad file, a file gone since the
+    data set was listed its path (DataError)."""
     iterator = ds.as_numpy_iterator()
     while True:
         try:
@@ -125,6 +126,14 @@ def numpy_batches(ds: tf.data.Dataset, records: tf.data.Dataset, info: DatasetIn
             raise DataError(
                 f"cannot decode {where} of data set {info.name!r} ({_tf_reason(e)}); "
                 "to list every undecodable file of an image folder: python -m tools.check_images DIR"
+            ) from None
+        except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
+            # TensorFlow's "...transformation with iterator: Iterator::...: PATH; No such file or directory".
+            path, _, reason = _tf_reason(e).rsplit(": ", 1)[-1].partition("; ")
+            raise DataError(
+                f"cannot read {path} of data set {info.name!r} ({reason or type(e).__name__}): it was moved, deleted "
+                "or made unreadable after the run listed it; put it back and run the same command to resume from "
+                "the last checkpoint"
             ) from None
         yield batch
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -83,7 +84,33 @@ CONFIG_ERRORS = [
      ["the train step needs", "with 524288 examples per device per micro-step", "should fit (or 'auto')"]),
     ("another model in the workdir", [*small_cifar("{data}", model="cifar_resnet20"), "--workdir={trained}"],
      ["holds checkpoints of another model", "model 'cifar_resnet8' -> 'cifar_resnet20'", "use a new --workdir"]),
+    ("config file with a syntax error", ["--config={configs}/syntax.py"],
+     ["config file {configs}/syntax.py, line 5: SyntaxError: '(' was never closed"]),
+    ("config file with an undefined name", ["--config={configs}/name.py:64"],
+     ["config file {configs}/name.py, line 5: NameError: name 'batch' is not defined"]),
+    ("config file raising in get_config", ["--config={configs}/raises.py"],
+     ["config file {configs}/raises.py, line 5: ValueError: pick a batch size"]),
+    ("test class that training lacks", small_cifar("{extra_class}"),
+     ["image_folder: test/ has class(es) ['zebra'] that train/ lacks", "{extra_class}/test/zebra"]),
 ]  # fmt: skip
+
+# Config files as a user editing configs/ might leave them (line 5 is the faulty one).
+BROKEN_CONFIGS = {
+    "syntax.py": "from configs import default\n\n\ndef get_config():\n    config = default.get_config(\n",
+    "name.py": "from configs import default\n\n\ndef get_config(arg):\n    default.get_config().batch_size = batch\n",
+    "raises.py": "from configs import default\n\n\ndef get_config():\n    raise ValueError('pick a batch size')\n",
+}
+
+
+def folder_with_a_test_class_training_lacks(data, root):
+    """Links to two classes of `data`'s images, and a test/ class ("zebra") with no training images."""
+    for split in ("train", "test"):
+        for label in ("cat", "dog") + (("zebra",) if split == "test" else ()):
+            (root / split / label).mkdir(parents=True)
+            source = data / split / ("dog" if label == "zebra" else label)
+            for name in sorted(os.listdir(source))[:4]:
+                os.symlink(source / name, root / split / label / name)
+    return root
 
 
 @pytest.mark.parametrize("case,args,words", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
@@ -91,8 +118,15 @@ def test_configuration_mistakes(case, args, words, cifar10_small, trained, tmp_p
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a workdir")
     (tmp_path / "empty").mkdir()
-    values = dict(data=cifar10_small, file=a_file, trained=trained, empty=tmp_path / "empty")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, text in BROKEN_CONFIGS.items():
+        (configs / name).write_text(text)
+    extra_class = folder_with_a_test_class_training_lacks(cifar10_small, tmp_path / "extra_class")
+    values = dict(data=cifar10_small, file=a_file, trained=trained, empty=tmp_path / "empty", configs=configs,
+                  extra_class=extra_class)  # fmt: skip
     args = [arg.format(**values) for arg in args]
+    words = [word.format(**values) for word in words]
     if not any(arg.startswith("--workdir=") for arg in args):
         args.append(f"--workdir={tmp_path / 'run'}")
     watched = [tmp_path, trained, cifar10_small]
@@ -132,6 +166,30 @@ def test_corrupt_image_stops_with_its_name_and_check_images_lists_all(cifar10_sm
     listed = [line.split(":")[0] for line in done.stdout.splitlines()[:-1]]
     assert listed == [str(data / "test" / "cat" / "empty.jpg"), str(data / "train" / "dog" / "broken.jpg")]
     assert done.stdout.splitlines()[-1] == f"2 undecodable image file(s) under {data}."
+
+
+@pytest.mark.slow
+def test_an_image_deleted_during_the_run_stops_with_its_path(cifar10_small, tmp_path):
+    """A test image removed after the run listed the folder, before the evaluation reads it."""
+    data = tmp_path / "data"
+    shutil.copytree(cifar10_small, data, symlinks=True)
+    gone = data / "test" / "cat" / sorted(os.listdir(data / "test" / "cat"))[0]
+    args = small_cifar(data, num_train_steps=30, cache=False)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    process = subprocess.Popen([sys.executable, "main.py", *args, f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output = []
+    for line in process.stdout:  # training has started: the folder was listed
+        output.append(line)
+        if "step 1/30" in line:
+            gone.unlink()
+            break
+    output += process.stdout.readlines()
+    assert process.wait(timeout=600) == 1, "".join(output)[-3000:]
+    errors = [line for line in output if line.startswith("error: ")]
+    assert len(errors) == 1 and errors == output[-1:], "".join(output)[-3000:]
+    assert errors[0].startswith(f"error: cannot read {gone} of data set 'image_folder' (No such file or directory)")
+    assert not any("Traceback" in line for line in output)
 
 
 @pytest.mark.slow

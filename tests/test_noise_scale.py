@@ -2,6 +2,7 @@
 (tests/least_squares.py) in every layout a run can have, and what a run logs (metrics.jsonl,
 TensorBoard, the trust-ratio log) with training itself unchanged."""
 
+import functools
 import json
 import os
 import subprocess
@@ -133,34 +134,33 @@ def assert_exact(got: dict, batch_size: int):
 
 LAYOUTS = {  # name: (devices, global batch, micro-steps, how the step runs)
     "one device, micro-steps": (1, 512, 4, "compiled"),
+    "one device, one micro-step (probe)": (1, 512, 1, "compiled"),
+    "one device, one micro-step at batch 128 (probe)": (1, 128, 1, "compiled"),
     "four devices, micro-steps": (4, 512, 2, "compiled"),
     "micro-steps fed from the host": (1, 512, 4, "fed"),
     "four devices, one micro-step (probe)": (4, 512, 1, "compiled"),
-    "one device, one micro-step (probe)": (1, 512, 1, "compiled"),
-    "one device, one micro-step at batch 128 (probe)": (1, 128, 1, "compiled"),
 }
+FAST = list(LAYOUTS)[:3]  # the rest in the slow tier: the same code on more devices, ~6 s each
 
 
-@pytest.fixture(scope="module")
-def measured():
-    """Each layout's logged figures, measured once (the conftest gives this process 4 devices)."""
-    results = {}
-    for name, (devices, batch, num_micro, layout) in LAYOUTS.items():
-        mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
-        results[name] = least_squares.measure(mesh, batch, num_micro, COUNT, layout=layout)
-    return results
+@functools.cache
+def measured(name: str) -> dict:
+    """A layout's logged figures, measured once (the conftest gives this process 4 devices)."""
+    devices, batch, num_micro, layout = LAYOUTS[name]
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    return least_squares.measure(mesh, batch, num_micro, COUNT, layout=layout)
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_logged_estimates_match_the_closed_form(measured, name):
-    assert_exact(measured[name], LAYOUTS[name][1])
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in LAYOUTS])
+def test_logged_estimates_match_the_closed_form(name):
+    assert_exact(measured(name), LAYOUTS[name][1])
 
 
-def test_noise_scale_at_batch_128_and_512_agree(measured):
+def test_noise_scale_at_batch_128_and_512_agree():
     """B_simple is a property of the parameters and the data, not of the batch that measures it."""
-    small = measured["one device, one micro-step at batch 128 (probe)"]["grad_noise_scale"]
+    small = measured("one device, one micro-step at batch 128 (probe)")["grad_noise_scale"]
     for name in ("one device, micro-steps", "one device, one micro-step (probe)"):
-        assert abs(measured[name]["grad_noise_scale"] / small - 1) < TOLERANCE
+        assert abs(measured(name)["grad_noise_scale"] / small - 1) < TOLERANCE
 
 
 @pytest.mark.slow

@@ -404,6 +404,20 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
     warning = [line for line in output.splitlines() if "The checkpoint of step 4 cannot be restored" in line]
     assert len(warning) == 1 and f"moved to {workdir / 'damaged_checkpoints' / '4'}" in warning[0], output[-3000:]
     assert "Resuming from the checkpoint of step 2." in output
+    # orbax's other reads of the damaged checkpoint fail too, in coroutines nobody awaits; Python reports
+    # them as they are collected (1 to 100 tracebacks in most tries, none in some): the console keeps
+    # the one warning line, every time.
+    for attempt in range(5):
+        again = tmp_path / f"again{attempt}"
+        subprocess.run(["cp", "-r", str(tmp_path / "copy"), str(again)], check=True)
+        _damage(again / "checkpoints" / "4")
+        code, more = run_main(args, again)
+        output += more
+        assert code == 0 and "Resuming from the checkpoint of step 2." in more, more[-3000:]
+        assert [line for line in more.splitlines() if line.startswith("W")] == [
+            line for line in more.splitlines() if "The checkpoint of step 4 cannot be restored" in line
+        ], more[-3000:]
+    assert "Traceback" not in output and "Exception ignored" not in output
     assert (workdir / "damaged_checkpoints" / "4").is_dir()  # set aside, not deleted
     # Steps 3 and 4 again from the intact step 2: the same state as the first time, bit for bit.
     for a, b in zip(leaves(run_files.restore_state(config, workdir, 4)[1]), intact):
