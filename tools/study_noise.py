@@ -127,10 +127,12 @@ def section(stage_a, noise_rows, methods, batches, out, target: float) -> str:
 
 
 def write(rows: list[dict], noise_rows: list[dict], methods, batches, args, out):
-    """The plot (OUT/noise_scale.png) and the critical-batch section of each --page that has one."""
+    """The plot (OUT/noise_scale.png, once a rerun has finished) and the critical-batch section of each
+    --page that has one."""
     stage_a = [r for r in rows if float(r["epochs"]) == args.epochs]
     fitted = fits(stage_a, methods, batches)
-    plot_noise_scale(noise_rows, out, fitted, pathlib.Path(out) / "noise_scale.png")
+    if noise_rows:
+        plot_noise_scale(noise_rows, out, fitted, pathlib.Path(out) / "noise_scale.png")
     text = section(stage_a, noise_rows, methods, batches, out, args.target)
     for page in args.page:
         if f"<!-- {SECTION}:begin -->" in pathlib.Path(page).read_text():
