@@ -76,6 +76,29 @@ def test_critical_batch_reads_the_demo_workdir(demo_run, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_critical_batch_reads_a_study_runs_logs(tmp_path):
+    """A rerun of the study (docs/study/logs/, committed): B_simple where validation first reached 70%."""
+    logs = REPO / "docs" / "study" / "logs" / "lars_b128_lr0.707_noise"
+    command = [
+        sys.executable,
+        "-m",
+        "tools.critical_batch",
+        str(logs),
+        "--accuracy=0.7",
+        f"--plot={tmp_path / 'b.png'}",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if r["kind"] == "eval" and r["split"] == "validation"]
+    step = next(r["step"] for r in validation if r["eval_top1"] >= 0.7)
+    logged = min((r for r in records if "grad_noise_scale" in r), key=lambda r: abs(r["step"] - step))
+    assert f"At step {step}, where top-1 first reached 0.7 (logged at step {logged['step']})" in done.stdout
+    assert (
+        f"B_simple = {logged['grad_noise_scale']:,.0f} ({logged['grad_noise_scale_lars']:,.0f} as LARS" in done.stdout
+    )
+
+
 def test_consecutive_steps_would_bias_the_noise_scale_where_the_probe_does_not():
     """The candidates for runs of one micro-step, on least squares (d = 64, s = 1) trained by momentum
     SGD (LR 0.1, momentum 0.9, batch 128, 2,000 steps, float64), against the exact figures at each step:

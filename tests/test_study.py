@@ -157,13 +157,14 @@ def test_study_sweeps_records_and_resumes(cifar10_small, tmp_path):
     fewest = min(reached, key=lambda r: (int(r["steps_to_target"]), -float(r["final_validation_top1"])), default=None)
     wanted = {best["lr"]} | ({fewest["lr"]} if fewest else set())
     assert {r["lr"] for r in noise_rows} == wanted and all(r["seed"] == "0" for r in noise_rows)
+    # Its config is the original's: 6 steps of one micro-step, fewer than a probe's 100, so no figure yet.
     rerun = out / "logs" / f"lars_b64_lr{float(noise_rows[0]['lr']):g}_noise"
-    logged = [r for r in read_jsonl(rerun / "metrics.jsonl") if r["kind"] == "train"]
-    assert all("grad_noise_scale" in r for r in logged[1:])
+    original = out / "logs" / f"lars_b64_lr{float(noise_rows[0]['lr']):g}"
+    assert (rerun / "config.json").read_text() == (original / "config.json").read_text()
     report = subprocess.run([sys.executable, "-m", "tools.critical_batch", str(rerun), f"--plot={tmp_path / 'b.png'}"],
                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
-    assert report.returncode == 0 and f"B_simple = {logged[-1]['grad_noise_scale']:,.0f}" in report.stdout
-    assert "The gradient noise scale B_simple" in text and "noise-scale reruns" in text
+    assert report.returncode == 0 and "no gradient noise scale logged" in report.stdout, report.stdout + report.stderr
+    assert "The gradient noise scale B_simple" in text and f"_{len(noise_rows)} noise-scale reruns" in text
     # Each run's output in its own file; main.py saw half the cores (its oneDNN threads).
     threads = len(os.sched_getaffinity(0)) // 2
     logs = [log.read_text() for log in (out / "runs").glob("*.log")]
