@@ -405,9 +405,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
     assert len(warning) == 1 and f"moved to {workdir / 'damaged_checkpoints' / '4'}" in warning[0], output[-3000:]
     assert "Resuming from the checkpoint of step 2." in output
     # orbax's other reads of the damaged checkpoint fail too, in coroutines nobody awaits; Python reports
-    # them as they are collected (1 to 100 tracebacks in most tries, none in some): the console keeps
+    # them as they are collected (1 to 100 tracebacks in 2 of 4 tries here): the console keeps
     # the one warning line, every time.
-    for attempt in range(5):
+    for attempt in range(3):
         again = tmp_path / f"again{attempt}"
         subprocess.run(["cp", "-r", str(tmp_path / "copy"), str(again)], check=True)
         _damage(again / "checkpoints" / "4")
