@@ -120,7 +120,7 @@ def section(stage_a, noise_rows, methods, batches, out, target: float) -> str:
     text += (
         f"\n\nThe gradient noise scale B_simple (moving average over 5% of the run) where each noise-scale "
         f"rerun's validation top-1 first reached {100 * target:g}%; in parentheses the steps of the recorded run it "
-        f"repeats (another CPU rounds differently, so the two part after the first steps):\n\n"
+        f"repeats (a rerun on another CPU rounds differently, and its training can part from the recorded one):\n\n"
         + (noise_table(results, stage_a) or "no rerun finished yet")
     )
     return text + f"\n\n_{len(noise_rows)} noise-scale reruns, from `{pathlib.Path(out) / 'noise_scale.csv'}`._"
