@@ -1,5 +1,6 @@
 """Mistakes a new user makes, through main.py: one `error:` line, the right exit code, nothing written."""
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -113,25 +114,47 @@ def folder_with_a_test_class_training_lacks(data, root):
     return root
 
 
-@pytest.mark.parametrize("case,args,words", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
-def test_configuration_mistakes(case, args, words, cifar10_small, trained, tmp_path):
-    a_file = tmp_path / "notes.txt"
+def case_folder(root: pathlib.Path, data: pathlib.Path) -> dict:
+    """The files one case's arguments name, made under `root`: {name in CONFIG_ERRORS: path}."""
+    a_file = root / "notes.txt"
     a_file.write_text("not a workdir")
-    (tmp_path / "empty").mkdir()
-    configs = tmp_path / "configs"
+    (root / "empty").mkdir()
+    configs = root / "configs"
     configs.mkdir()
     for name, text in BROKEN_CONFIGS.items():
         (configs / name).write_text(text)
-    extra_class = folder_with_a_test_class_training_lacks(cifar10_small, tmp_path / "extra_class")
-    values = dict(data=cifar10_small, file=a_file, trained=trained, empty=tmp_path / "empty", configs=configs,
-                  extra_class=extra_class)  # fmt: skip
-    args = [arg.format(**values) for arg in args]
-    words = [word.format(**values) for word in words]
-    if not any(arg.startswith("--workdir=") for arg in args):
-        args.append(f"--workdir={tmp_path / 'run'}")
-    watched = [tmp_path, trained, cifar10_small]
-    before = snapshot(*watched)
-    code, out, err = run_main(args)
+    extra_class = folder_with_a_test_class_training_lacks(data, root / "extra_class")
+    return dict(data=data, file=a_file, empty=root / "empty", configs=configs, extra_class=extra_class)
+
+
+@pytest.fixture(scope="module")
+def config_error_runs(cifar10_small, trained, tmp_path_factory):
+    """{case: (folder, args, words, exit code, stdout, stderr, files before, files after)} of every
+    CONFIG_ERRORS case, each main.py in its own folder, as many at a time as there are cores (each
+    run is mostly Python importing, one core's work)."""
+    shared = [trained, cifar10_small]
+    shared_before = snapshot(*shared)
+
+    def run(case, args, words):
+        folder = tmp_path_factory.mktemp(case.replace(" ", "_"))
+        values = dict(case_folder(folder, cifar10_small), trained=trained)
+        args = [arg.format(**values) for arg in args]
+        if not any(arg.startswith("--workdir=") for arg in args):
+            args.append(f"--workdir={folder / 'run'}")
+        before = snapshot(folder)
+        code, out, err = run_main(args)
+        return folder, args, [word.format(**values) for word in words], code, out, err, before, snapshot(folder)
+
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        runs = {case: pool.submit(run, case, args, words) for case, args, words in CONFIG_ERRORS}
+        runs = {case: future.result() for case, future in runs.items()}
+    assert snapshot(*shared) == shared_before  # nothing written in the trained workdir or the data
+    return runs
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CONFIG_ERRORS])
+def test_configuration_mistakes(case, config_error_runs):
+    folder, args, words, code, out, err, before, after = config_error_runs[case]
     assert code == 2, (case, err[-3000:])
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: "), err[-3000:]
@@ -139,8 +162,8 @@ def test_configuration_mistakes(case, args, words, cifar10_small, trained, tmp_p
     for word in words:
         assert word in lines[-1], (word, lines[-1])
     assert "Traceback" not in err + out
-    assert snapshot(*watched) == before  # nothing written, in the workdir or the data
-    assert not (tmp_path / "run").exists()
+    assert after == before  # nothing written in the case's folder
+    assert not (folder / "run").exists()
 
 
 @pytest.mark.slow

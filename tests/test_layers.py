@@ -439,6 +439,7 @@ def test_network_loss_and_gradients_within_float32_rounding(name, size, kwargs, 
     assert_leaves_within(got, want, moved, times=32, of_largest=2**8 * U32)
 
 
+@pytest.mark.slow
 @pytest.mark.optimized
 @pytest.mark.parametrize("name,size,kwargs", NETWORKS)
 def test_network_bfloat16_within_rounding_of_float64(name, size, kwargs):

@@ -4,6 +4,7 @@ and microbatch_size="auto" takes the largest micro-batch whose step fits.
 Memory is XLA's analysis of the compiled step (what `compile_step.fit_train_step` checks before a run),
 not a process's resident size, so the figures do not depend on the machine's load."""
 
+import functools
 import os
 import pathlib
 import re
@@ -31,6 +32,7 @@ def demo_setup(batch_size: int, micro, loop: str = "auto"):
     return run_setup.prepare_model(config, 10, num_train=1797, channels=1)
 
 
+@functools.cache  # tests ask for the same steps; they only read them
 def compiled_step(batch_size: int, micro, loop: str = "auto", available: int = ENOUGH) -> run_setup.Setup:
     return compile_step.fit_train_step(demo_setup(batch_size, micro, loop), available)
 
