@@ -29,6 +29,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import config_checks
 import host_memory
 import workdir_lock
 
@@ -229,6 +230,7 @@ def main(argv):
         sys.unraisablehook = _drop_reported_checkpoint_errors
     try:
         check_workdir(FLAGS.workdir)
+        config_checks.check_ranges(FLAGS.config)  # again in run_setup; here before the slow imports
     except ValueError as e:
         return fail(str(e), EXIT_CONFIG)
     # TensorFlow only reads data: keep it off any accelerator JAX uses.
