@@ -41,6 +41,7 @@ def temporaries(setup: run_setup.Setup) -> int:
     return setup.train_step.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_step_memory_stays_flat_with_the_number_of_micro_steps():
     """16 examples per device per micro-step: 1, 4 and 16 micro-steps take the temporaries of one
     (within 25%: the loop's carry, the gradient sum among it); unrolled, 4 micro-steps take more."""

@@ -110,6 +110,7 @@ def test_small_models_run_forward_and_train_mode():
         assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
 
 
+@pytest.mark.slow
 def test_zero_init_last_bn_makes_blocks_identity():
     model = models.create("resnet50", 10, zero_init_last_bn=True)
     params = models.init_shapes(model, (1, 64, 64, 3))
