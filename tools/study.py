@@ -69,6 +69,7 @@ from tools.study_report import (
     budget_runs,
     cell_rows,
     fewest_steps,
+    run_name,
     seed_of,
     stage_b_due,
     stage_rows,
@@ -117,12 +118,6 @@ def swept_lr(centre: float, factor: float) -> float:
 def lr_of(method: str, batch: int, factor: float) -> float:
     """A Stage A learning rate: around the cell's centre (CENTRES, or the method's scaling rule)."""
     return swept_lr(CENTRES.get((method, batch)) or scaled_lr(method, batch), factor)
-
-
-def run_name(method: str, batch: int, lr: float, seed: int = 0, epochs: float = STUDY.num_epochs) -> str:
-    """The run's folder: e.g. lars_b8192_lr2.828, with _seed1 for other seeds and _e200 for Stage B."""
-    name = f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
-    return name + (f"_e{epochs:g}" if epochs != STUDY.num_epochs else "")
 
 
 def config_flags(method: str, batch: int, lr: float, seed: int, args, epochs: float | None = None) -> list[str]:
@@ -178,7 +173,7 @@ class Run(NamedTuple):
 
     @property
     def name(self) -> str:
-        return run_name(self.method, self.batch, self.lr, self.seed, self.epochs) + ("_noise" if self.noise else "")
+        return run_name(self.method, self.batch, self.lr, self.seed, self.epochs, self.noise)
 
 
 def core_slots(jobs: int) -> list[set[int] | None]:

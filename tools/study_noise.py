@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from tools import critical_batch, plot_trust_ratios  # noqa: E402
 from tools.markdown import replace_section  # noqa: E402
-from tools.study_report import METHODS, cell_rows, fewest_steps, fits  # noqa: E402
+from tools.study_report import METHODS, cell_rows, fewest_steps, fits, run_name  # noqa: E402
 
 SECTION = "critical-batch"
 
@@ -37,7 +37,8 @@ def fit_table(fitted: dict) -> str:
 
 
 def rerun_name(row: dict) -> str:
-    return f"{row['method']}_b{int(row['batch'])}_lr{float(row['lr']):g}_noise"
+    """The folder of the noise-scale rerun a row of noise_scale.csv records."""
+    return run_name(row["method"], int(row["batch"]), float(row["lr"]), int(row["seed"]), float(row["epochs"]), True)
 
 
 def measured(noise_rows: list[dict], out, target: float) -> list[dict]:

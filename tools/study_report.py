@@ -7,14 +7,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import cifar10_study  # noqa: E402
 from tools import critical_batch, plot_trust_ratios  # noqa: E402
 from tools.markdown import replace_section  # noqa: E402
+
+STUDY_EPOCHS = cifar10_study.get_config().num_epochs  # Stage A's budget
 
 METHODS = {
     "sgd": "momentum SGD, linear scaling",
     "lars": "LARS",
     "nesterov": "Nesterov momentum, linear scaling",
 }
+
+
+def run_name(method: str, batch: int, lr: float, seed: int = 0, epochs: float = STUDY_EPOCHS, noise: bool = False):
+    """A run's folder: e.g. lars_b8192_lr2.828, with _seed1 for other seeds, _e200 for Stage B and
+    _noise for a noise-scale rerun."""
+    name = f"{method}_b{batch}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
+    return name + (f"_e{epochs:g}" if epochs != STUDY_EPOCHS else "") + ("_noise" if noise else "")
 
 
 def seed_of(row: dict) -> int:
