@@ -77,12 +77,12 @@ def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
     auto = config.microbatch_size == microbatch.AUTO
     feeds = {microbatch.AUTO: (False, True), microbatch.FED: (True,)}.get(config.microbatch_loop, (False,))
     for fed in feeds:
-        fitted, memory = _compiled(setup, _micro_sizes(setup)[0] if auto else setup.micro_size, fed)
+        fitted, memory = _fitted(setup, _micro_sizes(setup)[0] if auto else setup.micro_size, fed, available)
         while auto and memory.total > available:
             smaller = _smaller_that_fit(fitted, memory, available)
             if not smaller:
                 break
-            fitted, memory = _compiled(setup, smaller[0], fed)
+            fitted, memory = _fitted(setup, smaller[0], fed, available)
         if memory.total <= available:
             break
     else:
@@ -145,6 +145,19 @@ def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.S
     return dataclasses.replace(setup, train_step=FedStep(start, micro_fn, finish, setup.num_micro)), memory
 
 
+def _fitted(setup: Setup, micro: int, fed: bool, available: int) -> tuple[Setup, "microbatch.StepMemory"]:
+    """`_compiled`; where its step fits and the run probes the noise scale (one micro-step), the
+    probe compiled too and its memory counted beside the step's."""
+    setup, memory = _compiled(setup, micro, fed)
+    if memory.total > available or not setup.noise.probe_due(setup.noise.probe_every - 1, setup.steps.total):
+        return setup, memory
+    state, batch = run_setup.abstract_state(setup), _abstract_batch(setup, setup.config.batch_size)
+    probe = jit_noise_probe(setup).lower(state, batch, batch, jax.random.key(0)).compile()
+    local_devices = len(setup.mesh.local_devices)
+    memory = dataclasses.replace(memory, probe=microbatch.StepMemory.of(probe, local_devices, memory.batch))
+    return dataclasses.replace(setup, noise_probe=probe), memory
+
+
 def _abstract_batch(setup: Setup, rows: int) -> dict:
     """The shapes of a global training batch of `rows` examples, sharded over "data"."""
     sharding = NamedSharding(setup.mesh, P("data"))
@@ -178,8 +191,9 @@ def _too_big(setup: Setup, memory: "microbatch.StepMemory", available: int) -> s
     )
     fed = ", fed from the host" if memory.fed else ""
     return (
-        f"the train step needs {memory.describe()} with {setup.micro_size} examples per device per micro-step{fed}, "
-        f"but this process may use {microbatch.gb(available)}; {hint}."
+        f"{memory.describe()} with {setup.micro_size} examples per device per micro-step{fed}, "
+        f"but this process may use {microbatch.gb(available)}; {hint}"
+        + (", or noise_scale=False." if memory.probe and memory.probe.own > memory.own else ".")
     )
 
 

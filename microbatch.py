@@ -104,15 +104,24 @@ class StepMemory:
     aliased: int  # outputs written into donated arguments (the new train state)
     batch: int  # the bytes of one batch (fed: one micro-batch), also among the arguments
     fed: bool = False  # the batch is a micro-batch fed from the host
+    # The noise-scale probe a step of one micro-step runs every noise_scale_every_steps (two
+    # gradients of the micro-step, this batch and the next among its arguments), or None.
+    probe: "StepMemory | None" = None
 
     @property
     def input(self) -> int:
         return INPUT_BATCHES * self.batch
 
     @property
-    def total(self) -> int:
+    def own(self) -> int:
+        """This program's bytes, without the probe's."""
         held = TEMPORARY_BUFFERS * self.temporaries
         return held + self.arguments + self.outputs - self.aliased + self.input
+
+    @property
+    def total(self) -> int:
+        """The step's bytes, or the probe's where it needs more."""
+        return max(self.own, self.probe.own if self.probe else 0)
 
     @classmethod
     def of(cls, compiled, local_devices: int, batch_bytes: int, fed: bool = False) -> "StepMemory":
@@ -130,15 +139,21 @@ class StepMemory:
 
     def estimate(self, fraction: float) -> float:
         """The total with a micro-batch `fraction` times this one's: XLA's temporaries scale with
-        it, and so do the fed batch and the pipeline's (a compiled step holds the whole batch)."""
+        it, and so do the fed batch and the pipeline's (a compiled step holds the whole batch).
+        Several micro-steps measure the noise scale without a probe: the step's own bytes."""
         scaling = TEMPORARY_BUFFERS * self.temporaries + (self.batch + self.input if self.fed else 0)
-        return self.total - scaling * (1 - fraction)
+        return self.own - scaling * (1 - fraction)
 
     def describe(self) -> str:
+        """e.g. "the train step needs 1.20 GiB (temporaries 2 x ..., ...)"."""
+        if self.probe and self.probe.own > self.own:
+            return f"the noise-scale probe (two gradients of a micro-step) needs {self.probe._figures()}"
+        return f"the train step needs {self._figures()}"
+
+    def _figures(self) -> str:
         return (
-            f"{gb(self.total)} (temporaries {TEMPORARY_BUFFERS} x {gb(self.temporaries)}, "
-            f"train state and batch {gb(self.arguments)}, "
-            f"input pipeline {gb(self.input)})"
+            f"{gb(self.own)} (temporaries {TEMPORARY_BUFFERS} x {gb(self.temporaries)}, "
+            f"train state and batch {gb(self.arguments)}, input pipeline {gb(self.input)})"
         )
 
 

@@ -181,6 +181,9 @@ class Setup:
     # The compiled train step, from `fit_train_step` (which also checks its memory): a jitted
     # (state, batch, key) -> (state, metrics), or a FedStep taking an iterator of micro-batches.
     train_step: Any = None
+    # The compiled noise-scale probe of a run of one micro-step whose probes come (`noise.probes`),
+    # compiled and counted in the step's memory by `fit_train_step`; None otherwise.
+    noise_probe: Any = None
 
     @property
     def fed(self) -> bool:

@@ -195,7 +195,7 @@ def train_and_evaluate(
     _log_layout(setup)
 
     train_step = setup.train_step
-    probe = compile_step.jit_noise_probe(setup) if setup.noise.probes else None
+    probe = setup.noise_probe
     eval_step = jax.jit(on_mesh(make_eval_step(setup.model, setup.num_classes), setup.mesh))
     dropout_key = jax.random.key(config.seed + 1)  # `step_gradient` uses the same key
     finite = FiniteCheck()

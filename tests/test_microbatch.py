@@ -99,6 +99,27 @@ def test_a_step_that_does_not_fit_names_a_micro_batch_that_does():
         compiled_step(batch, "auto", available=1 << 20)
 
 
+def test_the_noise_probe_is_compiled_with_the_step_and_counted_in_its_memory():
+    """A run of one micro-step measures the noise scale with a probe (two gradients of the
+    micro-step, noise_scale_every_steps apart): fit_train_step compiles it with the step and counts
+    its memory. With room for the step but not the probe, "auto" takes two micro-steps (whose
+    gradients measure it without a probe) and a fixed microbatch_size is refused, naming the probe."""
+    batch = DEVICES * 32
+    setup = compiled_step(batch, 32)
+    assert setup.num_micro == 1 and setup.noise.probes and setup.noise_probe is not None
+    step_need = microbatch_memory(batch, 32)
+    input_batches = 2 * batch * (SIZE * SIZE * 4 + 4)
+    probe_need = DEVICES * program_bytes(setup.noise_probe.memory_analysis()) + input_batches
+    assert probe_need > step_need, (probe_need, step_need)  # two batches and two gradients
+    room = (step_need + probe_need) // 2
+    fitted = compiled_step(batch, "auto", available=room)
+    assert (fitted.micro_size, fitted.num_micro, fitted.noise_probe) == (16, 2, None)
+    with pytest.raises(
+        ValueError, match=r"the noise-scale probe .* needs .* microbatch_size=16 should fit .*noise_scale=False"
+    ):
+        compiled_step(batch, 32, available=room)
+
+
 def fed_memory(batch: int, micro: int) -> int:
     """The memory of the host-fed step as fit_train_step counts it: the larger of its micro-step
     (train state, gradient sum, one micro-batch) and its update, plus two micro-batches the input
