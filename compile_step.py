@@ -77,12 +77,12 @@ def fit_train_step(setup: Setup, available: int | None = None) -> Setup:
     auto = config.microbatch_size == microbatch.AUTO
     feeds = {microbatch.AUTO: (False, True), microbatch.FED: (True,)}.get(config.microbatch_loop, (False,))
     for fed in feeds:
-        fitted, memory = _fitted(setup, _micro_sizes(setup)[0] if auto else setup.micro_size, fed, available)
+        fitted, memory = _compiled(setup, _micro_sizes(setup)[0] if auto else setup.micro_size, fed, available)
         while auto and memory.total > available:
             smaller = _smaller_that_fit(fitted, memory, available)
             if not smaller:
                 break
-            fitted, memory = _fitted(setup, smaller[0], fed, available)
+            fitted, memory = _compiled(setup, smaller[0], fed, available)
         if memory.total <= available:
             break
     else:
@@ -111,9 +111,10 @@ def _with_eval_batch(setup: Setup) -> Setup:
     return dataclasses.replace(setup, data=dataclasses.replace(setup.data, local_eval_batch=rows))
 
 
-def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.StepMemory"]:
+def _compiled(setup: Setup, micro: int, fed: bool, available: int) -> tuple[Setup, "microbatch.StepMemory"]:
     """`setup` with `micro` examples per device per micro-step, its train step compiled (fed from
-    the host or not), and its memory."""
+    the host or not), and its memory; where the step fits in `available` and the run probes the
+    noise scale (one micro-step), the probe compiled too and its memory counted beside the step's."""
     per_device = setup.config.batch_size // setup.mesh.size
     model = run_setup.create_model(setup.config, setup.num_classes, run_setup.bn_group_size(setup.config, micro))
     setup = dataclasses.replace(setup, model=model, num_micro=per_device // micro)
@@ -122,11 +123,21 @@ def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.S
     local_devices = len(setup.mesh.local_devices)
     batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // jax.process_count()
     state, key = run_setup.abstract_state(setup), jax.random.key(0)
-    if not fed:
+    if fed:
+        setup, memory = _fed_step(setup, state, batch, key, batch_bytes)
+    else:
         compiled = jit_train_step(setup).lower(state, batch, key).compile()
-        return dataclasses.replace(setup, train_step=compiled), microbatch.StepMemory.of(
-            compiled, local_devices, batch_bytes
-        )
+        setup = dataclasses.replace(setup, train_step=compiled)
+        memory = microbatch.StepMemory.of(compiled, local_devices, batch_bytes)
+    if memory.total > available or not setup.noise.probes_within(setup.steps.total):
+        return setup, memory
+    probe = jit_noise_probe(setup).lower(state, batch, batch, key).compile()
+    memory = dataclasses.replace(memory, probe=microbatch.StepMemory.of(probe, local_devices, batch_bytes))
+    return dataclasses.replace(setup, noise_probe=probe), memory
+
+
+def _fed_step(setup: Setup, state, batch: dict, key, batch_bytes: int) -> tuple[Setup, "microbatch.StepMemory"]:
+    """`setup` with its train step compiled as a FedStep of `batch`-sized micro-batches, and its memory."""
     start, micro_fn, finish = steps.make_fed_step_fns(
         _loss_fn(setup), setup.optimizer, setup.schedule, setup.config.batch_size, setup.num_micro, setup.noise
     )
@@ -138,24 +149,12 @@ def _compiled(setup: Setup, micro: int, fed: bool) -> tuple[Setup, "microbatch.S
     micro_fn = jax.jit(on_mesh(micro_fn, setup.mesh), donate_argnums=1)
     micro_fn = micro_fn.lower(state, carry, batch, key, jax.ShapeDtypeStruct([], jnp.int32)).compile()
     finish = jax.jit(on_mesh(finish, setup.mesh), donate_argnums=0).lower(state, carry).compile()
+    local_devices = len(setup.mesh.local_devices)
     memory = max(
         (microbatch.StepMemory.of(c, local_devices, batch_bytes, fed=True) for c in (micro_fn, finish)),
         key=lambda m: m.total,
     )
     return dataclasses.replace(setup, train_step=FedStep(start, micro_fn, finish, setup.num_micro)), memory
-
-
-def _fitted(setup: Setup, micro: int, fed: bool, available: int) -> tuple[Setup, "microbatch.StepMemory"]:
-    """`_compiled`; where its step fits and the run probes the noise scale (one micro-step), the
-    probe compiled too and its memory counted beside the step's."""
-    setup, memory = _compiled(setup, micro, fed)
-    if memory.total > available or not setup.noise.probe_due(setup.noise.probe_every - 1, setup.steps.total):
-        return setup, memory
-    state, batch = run_setup.abstract_state(setup), _abstract_batch(setup, setup.config.batch_size)
-    probe = jit_noise_probe(setup).lower(state, batch, batch, jax.random.key(0)).compile()
-    local_devices = len(setup.mesh.local_devices)
-    memory = dataclasses.replace(memory, probe=microbatch.StepMemory.of(probe, local_devices, memory.batch))
-    return dataclasses.replace(setup, noise_probe=probe), memory
 
 
 def _abstract_batch(setup: Setup, rows: int) -> dict:

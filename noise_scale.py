@@ -62,6 +62,10 @@ class Settings:
     def probes(self) -> bool:
         return self.enabled and self.probe_every > 0
 
+    def probes_within(self, total: int) -> bool:
+        """Whether a run of `total` steps probes at all (its first probe comes before the last step)."""
+        return self.probes and self.probe_every < total
+
     def probe_due(self, step: int, total: int) -> bool:
         """Whether the step of index `step` (from 0) is probed: every `probe_every`-th, not the last."""
         return self.probes and (step + 1) % self.probe_every == 0 and step + 1 < total
